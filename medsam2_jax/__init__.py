@@ -1,0 +1,1 @@
+"""medsam2-jax: Medical SAM 2 in JAX/Flax."""

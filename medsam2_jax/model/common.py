@@ -1,0 +1,206 @@
+"""Building blocks shared by every SAM 2 module.
+
+Each class here is a thin subclass of a Flax NNX layer that takes the *PyTorch* constructor arguments
+(so a module reads like the PyTorch module it ports) and fixes the numeric settings that matter for
+parity with PyTorch:
+
+* convolutions use explicit symmetric padding (``"SAME"`` is asymmetric for stride > 1);
+* layer norms use the two-pass variance (``use_fast_variance=False``) and an explicit epsilon;
+* GELU is the exact erf form (PyTorch's default), not Flax's tanh approximation;
+* the 2x2/stride-2 transposed convolution uses ``transpose_kernel=True`` so that the kernel is the
+  PyTorch kernel transposed, without a spatial flip.
+
+The weight converter (:mod:`medsam2_jax.weights`) dispatches on these classes: every parameterised leaf
+module of the model must be one of them (or hold a raw :class:`nnx.Param` / :class:`Buffer`), which is what
+makes the PyTorch <-> Flax key map a short table instead of a per-module list.
+
+Layout convention: images and feature maps are NHWC, token sequences are (B, N, C).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable constant that lives in the checkpoint (PyTorch ``register_buffer``)."""
+
+
+def gelu(x: Array) -> Array:
+    """Exact (erf) GELU, as ``torch.nn.GELU()``."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def relu(x: Array) -> Array:
+    return jax.nn.relu(x)
+
+
+class Activation(nnx.Module):
+    """A parameter-free placeholder so that ``nnx.List`` indices match ``nn.Sequential`` indices."""
+
+    def __init__(self, fn: Callable[[Array], Array]):
+        self.fn = fn
+
+    def __call__(self, x: Array) -> Array:
+        return self.fn(x)
+
+
+def GELU() -> Activation:  # noqa: N802 - mirrors torch.nn.GELU
+    return Activation(gelu)
+
+
+def ReLU() -> Activation:  # noqa: N802 - mirrors torch.nn.ReLU
+    return Activation(relu)
+
+
+class Linear(nnx.Linear):
+    """``torch.nn.Linear``: kernel is (in, out) = ``weight.T``."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, use_bias=bias, rngs=rngs)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class Conv2d(nnx.Conv):
+    """``torch.nn.Conv2d`` on NHWC input: kernel is HWIO = ``weight.transpose(2, 3, 1, 0)``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        *,
+        groups: int = 1,
+        bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
+        ph, pw = _pair(padding)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size=_pair(kernel_size),
+            strides=_pair(stride),
+            padding=((ph, ph), (pw, pw)),
+            feature_group_count=groups,
+            use_bias=bias,
+            rngs=rngs,
+        )
+
+
+class ConvTranspose2d(nnx.ConvTranspose):
+    """``torch.nn.ConvTranspose2d`` with ``kernel_size == stride`` and no padding (all SAM 2 uses).
+
+    The kernel is ``weight.transpose(2, 3, 1, 0)`` with ``transpose_kernel=True``; without that flag the
+    kernel would need a spatial flip (a 2x2 kernel read unflipped differs from PyTorch by O(1)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, *, rngs: nnx.Rngs):
+        if kernel_size != stride:
+            raise ValueError("ConvTranspose2d only supports kernel_size == stride (no overlap), as in SAM 2")
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size=_pair(kernel_size),
+            strides=_pair(stride),
+            padding="VALID",
+            transpose_kernel=True,
+            rngs=rngs,
+        )
+
+
+class LayerNorm(nnx.LayerNorm):
+    """``torch.nn.LayerNorm`` over the last axis (also ``LayerNorm2d`` on NHWC maps).
+
+    PyTorch's default epsilon is 1e-5; SAM 2's Hiera norms and every ``LayerNorm2d`` use 1e-6, so the
+    epsilon is always passed explicitly by the caller.
+    """
+
+    def __init__(self, num_features: int, *, eps: float, rngs: nnx.Rngs):
+        super().__init__(num_features, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+def LayerNorm2d(num_channels: int, *, eps: float = 1e-6, rngs: nnx.Rngs) -> LayerNorm:  # noqa: N802
+    """SAM 2's ``LayerNorm2d`` (channel norm of an NCHW map) = a last-axis LayerNorm on NHWC."""
+    return LayerNorm(num_channels, eps=eps, rngs=rngs)
+
+
+class Embedding(nnx.Embed):
+    """``torch.nn.Embedding``: the table is stored as is, shape (num_embeddings, dim)."""
+
+    def __init__(self, num_embeddings: int, dim: int, *, rngs: nnx.Rngs):
+        super().__init__(num_embeddings, dim, rngs=rngs)
+
+    @property
+    def weight(self) -> Array:
+        return self.embedding[...]
+
+
+class MLP(nnx.Module):
+    """``sam2.modeling.sam2_utils.MLP``: ``num_layers`` linears, activation between them.
+
+    ``layers`` is an ``nnx.List`` so that the parameter paths equal PyTorch's ``layers.{i}``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        *,
+        activation: Callable[[Array], Array] = relu,
+        sigmoid_output: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.num_layers = num_layers
+        self.layers = nnx.List([Linear(i, o, rngs=rngs) for i, o in zip(dims_in, dims_out)])
+        self.activation = activation
+        self.sigmoid_output = sigmoid_output
+
+    def __call__(self, x: Array) -> Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = self.activation(x)
+        if self.sigmoid_output:
+            x = jax.nn.sigmoid(x)
+        return x
+
+
+def run_sequential(layers: nnx.List, x: Array) -> Array:
+    """Apply an ``nnx.List`` that mirrors a PyTorch ``nn.Sequential`` (activations as placeholders)."""
+    for layer in layers:
+        if layer is not None:
+            x = layer(x)
+    return x
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """``nn.MaxPool2d(2, 2)`` (floor mode) on NHWC."""
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+
+
+def attention(q: Array, k: Array, v: Array, *, key_mask: Array | None = None) -> Array:
+    """Scaled dot-product attention on (B, N, heads, head_dim) inputs, as ``F.scaled_dot_product_attention``.
+
+    ``key_mask`` (B, Nk) bool: False keys are excluded. It is only used to hide *extra* padding that the
+    PyTorch reference never sees; SAM 2's own zero-padding (Hiera windows) and its single padding point
+    take part in attention exactly as in PyTorch and must not be masked.
+    """
+    mask = None
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)

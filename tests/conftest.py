@@ -1,0 +1,18 @@
+"""Test-wide JAX settings: float32 parity settings and the persistent compilation cache."""
+
+import os
+
+import jax
+
+# Parity tests compare float32 against PyTorch CPU: no reduced-precision matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
+# XLA compiles dominate the suite's time; keep them across runs.
+_cache = os.environ.get("MEDSAM2_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_cache))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests sized for CPU (run in CI too)")
+    config.addinivalue_line("markers", "torch: needs torch and the sam2 reference package")
