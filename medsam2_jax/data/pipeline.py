@@ -1,0 +1,402 @@
+"""The training input pipeline on grain: cases -> balanced sequences -> augmentation -> prompts -> batches.
+
+Shape of the pipeline::
+
+    MapDataset.range(num_records)              global record index r = 0, 1, 2, ...
+      .seed(cfg.seed)
+      .random_map(MakeSequence(source, cfg))   r + grain's per-record Generator -> one training sequence
+      [: per_shard * shard_count]              equal length on every process
+      [shard_index::shard_count]               this JAX process's records
+      .batch(B, drop_remainder=True)
+      .to_iter_dataset(ReadOptions(...))
+      .mp_prefetch(MultiprocessingOptions(num_workers))   (when num_workers > 0)
+
+Why this shape:
+
+* Sampling is balanced (task -> modality -> case, :mod:`.sampling`) and WITH replacement, so records are
+  draws, not a permutation of the cases: the record index only seeds a draw. The case itself comes from
+  :class:`CaseSource`, a grain ``RandomAccessDataSource`` that loads and preprocesses a case on first use
+  and keeps the last ``cache_size`` cases per worker process.
+* Every record is a pure function of (``cfg.seed``, global record index): grain's ``random_map`` seeds the
+  record's ``np.random.Generator`` from the pipeline seed and the record's index, and the record splits it
+  into independent streams for sampling, augmentation and prompts. No global random state. Hence the
+  same batches with 0, 1 or 2 workers, on any number of threads, and disjoint, covering shards (records are
+  seeded BEFORE sharding, by their global index).
+* The iterator is grain's: ``it.get_state()`` / ``it.set_state(state)`` (a small JSON-able dict; orbax saves
+  it with ``grain.checkpoint.CheckpointSave``) and a restored iterator yields exactly the batches an
+  uninterrupted one would.
+
+Batch (B = ``batch_size``, T = ``sampling.num_frames``, P = ``prompts.num_points``, S = ``image_size``)::
+
+    images (B,T,S,S,3) float32   masks (B,T,S,S) bool          frame_valid (B,T) bool   frame_index (B,T) int32
+    point_coords (B,T,P,2) float32 (x, y pixels)   point_labels (B,T,P) int32 (-1 pad, 0 neg, 1 pos, 2/3 box)
+    mask_inputs (B,T,S,S) float32  mask_valid (B,T) bool   prompted (B,T) bool   correct_frames (B,T) bool
+    prompt_kind (B,) int32 (0 mask, 1 click, 2 box)
+    case_index (B,T) int32   class_id (B,) int32   component_id (B,T) int32   task_index (B,) int32
+    modality_index (B,) int32   reversed (B,) bool   stride (B,) int32   record_index (B,) int64
+
+Multiprocessing: grain's workers are spawned processes that unpickle the pipeline, so everything in it is
+module-level and picklable and ``jax`` is not imported at module level here. Outside ``absl.app.run``,
+grain's workers read an absl flag that was never parsed; :func:`make_iterator` marks absl flags parsed
+when they are not (harmless inside an absl app, where they already are). Close iterators with
+``it.close()`` when done (grain's advice for ``mp_prefetch``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from .augment import AugmentConfig, augment_sequence
+from .prompts import PromptConfig, training_prompts
+from .sampling import BalancedSampler, CaseInfo, SamplingConfig, draw_balanced_sequence
+
+ENDLESS = 2**62  # "num_records=None": more records than any run will read
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every knob of the training input pipeline."""
+
+    image_size: int = 256  # S
+    batch_size: int = 2  # B, per JAX process
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes (0: in the main process)
+    worker_buffer_size: int = 2  # batches each worker keeps ready
+    read_threads: int = 1  # threads per process computing records
+    read_buffer_size: int = 4  # records each process keeps ready
+    cache_size: int = 2  # preprocessed cases kept per process
+    num_records: Optional[int] = None  # global sequences per pass; None = endless
+    augment_enabled: bool = True
+    max_augment_attempts: int = 3  # redraws when augmentation pushes the target off frame 0
+    augment: AugmentConfig = AugmentConfig()
+    prompts: PromptConfig = PromptConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    shard_index: Optional[int] = None  # None: jax.process_index()
+    shard_count: Optional[int] = None  # None: jax.process_count()
+
+    def __post_init__(self):
+        for name in ("image_size", "batch_size", "worker_buffer_size", "read_threads", "read_buffer_size",
+                     "max_augment_attempts"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PipelineConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("num_workers", "cache_size", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"PipelineConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.num_records is not None and self.num_records < 1:
+            raise ValueError(f"PipelineConfig.num_records must be >= 1 or None, got {self.num_records!r}")
+        # Nested configs may arrive as dicts (e.g. from an ml_collections ConfigDict).
+        for name, cls in (("augment", AugmentConfig), ("prompts", PromptConfig), ("sampling", SamplingConfig)):
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                object.__setattr__(self, name, cls(**dict(v)))
+            elif not isinstance(v, cls):
+                raise TypeError(f"PipelineConfig.{name} must be a {cls.__name__} or a dict, got {type(v).__name__}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PipelineConfig":
+        """From a (possibly nested) dict or ``ml_collections.ConfigDict``; unknown keys are an error."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PipelineConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_config_dict(self):
+        """As an ``ml_collections.ConfigDict`` (for ``configs/*.py`` and ``--config.data.x=...`` overrides)."""
+        import ml_collections
+
+        return ml_collections.ConfigDict(self.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass
+class ArrayTarget:
+    """One binary target of a case (the fields ``preprocess.Target`` has that the pipeline reads)."""
+
+    class_id: int
+    component_id: int
+    mask: np.ndarray  # (n, S, S) bool
+
+
+@dataclasses.dataclass
+class ArrayCase:
+    """A preprocessed case held in memory (what ``preprocess.Preprocessed`` provides to the pipeline)."""
+
+    image: np.ndarray  # (n, S, S, 3) float32
+    targets: Sequence[ArrayTarget]
+
+
+class CaseSource(grain.sources.RandomAccessDataSource):
+    """Random access to preprocessed cases, loaded lazily by ``load(i)``, with a small LRU cache.
+
+    ``infos[i]`` (:class:`.sampling.CaseInfo`) is known up front; ``load`` must be picklable (grain sends the
+    source to its worker processes; each worker gets its own, empty cache).
+    """
+
+    def __init__(self, infos: Sequence[CaseInfo], load: Callable[[int], Any], cache_size: int = 2):
+        self.infos = tuple(infos)
+        if not self.infos:
+            raise ValueError("CaseSource: infos is empty")
+        for i, info in enumerate(self.infos):
+            if not isinstance(info, CaseInfo):
+                raise TypeError(f"CaseSource: infos[{i}] must be a CaseInfo, got {type(info).__name__}")
+        self._load = load
+        self.cache_size = int(cache_size)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        if not 0 <= index < len(self.infos):
+            raise IndexError(f"CaseSource: index {index} is outside 0..{len(self.infos) - 1}")
+        with self._lock:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+        case = self._load(index)  # outside the lock: other threads keep going
+        if self.cache_size:
+            with self._lock:
+                self._cache[index] = case
+                self._cache.move_to_end(index)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return case
+
+    def __repr__(self) -> str:  # grain's DataLoader checkpoints use it
+        return f"CaseSource(n={len(self.infos)}, load={self._load!r})"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"] = collections.OrderedDict()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class _ListLoader:
+    def __init__(self, cases: Sequence[ArrayCase]):
+        self.cases = list(cases)
+
+    def __call__(self, index: int):
+        return self.cases[index]
+
+    def __repr__(self) -> str:
+        return f"_ListLoader({len(self.cases)} cases)"
+
+
+def in_memory_source(infos: Sequence[CaseInfo], cases: Sequence[ArrayCase]) -> CaseSource:
+    """A source over cases already in memory (tests, benchmarks, small 2D sets). No cache needed."""
+    if len(infos) != len(cases):
+        raise ValueError(f"in_memory_source: {len(infos)} infos but {len(cases)} cases")
+    return CaseSource(infos, _ListLoader(cases), cache_size=0)
+
+
+class _PreprocessLoader:
+    """Reads case i of a dataset folder with :func:`.io.load_case` and preprocesses it (appendix C.1).
+
+    ``on_error="skip"``: a :class:`.errors.DataError` (a corrupt file, NaN voxels, an empty label map, ...) is
+    logged (once per worker process) and the case comes back without targets, so the sampler draws another
+    one; ``"raise"`` (default) stops the run with the error, which names the file.
+    """
+
+    def __init__(self, cases: Sequence[Any], image_size: int, on_error: str = "raise", preprocess_kwargs=None):
+        from .errors import ON_ERROR_MODES
+
+        if on_error not in ON_ERROR_MODES:
+            raise ValueError(f"dataset_source: on_error={on_error!r}, expected one of {ON_ERROR_MODES}")
+        self.cases = list(cases)
+        self.image_size = int(image_size)
+        self.on_error = on_error
+        self.preprocess_kwargs = dict(preprocess_kwargs or {})
+
+    def _load(self, case):
+        from . import io, preprocess  # lazily: the pipeline itself does not need nibabel
+
+        kw = dict(self.preprocess_kwargs, label_names=case.label_names)
+        data, labels = io.load_case(case)
+        if case.dim == 3:
+            return preprocess.preprocess_case(data, labels, case.modality, self.image_size, **kw)
+        return preprocess.preprocess_image_2d(data, labels, case.modality, self.image_size, source=case.image, **kw)
+
+    def __call__(self, index: int):
+        from .errors import SkipReport
+
+        case = self.cases[index]
+        report = SkipReport(self.on_error)
+        out = report.call(case.image, self._load, case)
+        if out is None:  # skipped: no targets, so the sampler redraws
+            return ArrayCase(image=np.zeros((1, self.image_size, self.image_size, 3), np.float32), targets=[])
+        return out
+
+    def __repr__(self) -> str:
+        return f"_PreprocessLoader({len(self.cases)} cases, S={self.image_size}, on_error={self.on_error!r})"
+
+
+def dataset_source(
+    root, image_size: int = 256, *, cache_size: int = 2, modality: Optional[str] = None, on_error: str = "raise",
+    **preprocess_kwargs,
+) -> CaseSource:
+    """A lazy source over the dataset folder ``root`` (layouts: :func:`.io.read_dataset`).
+
+    ``preprocess_kwargs`` go to ``preprocess.preprocess_case`` / ``preprocess_image_2d`` (e.g. ``window=``, and
+    ``ct_stats=`` for the paper's global CT normalisation over the training set). The task of a case is the
+    dataset's name; its modality the dataset's (or ``modality``).
+    """
+    from . import io
+
+    cases = io.read_dataset(root, modality)
+    infos = [CaseInfo(task=str(c.task), modality=str(c.modality), dim=int(c.dim), name=str(c.image)) for c in cases]
+    return CaseSource(infos, _PreprocessLoader(cases, image_size, on_error, preprocess_kwargs), cache_size=cache_size)
+
+
+def concat_sources(*sources: CaseSource, cache_size: int = 2) -> CaseSource:
+    """One source over several (e.g. one per dataset folder): the balanced sampler then balances their tasks."""
+    infos = [i for s in sources for i in s.infos]
+    return CaseSource(infos, _ConcatLoader([s._load for s in sources], [len(s) for s in sources]), cache_size)
+
+
+class _ConcatLoader:
+    def __init__(self, loads, lengths):
+        self.loads = list(loads)
+        self.offsets = np.cumsum([0, *lengths])
+
+    def __call__(self, index: int):
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.loads[k](index - int(self.offsets[k]))
+
+    def __repr__(self) -> str:
+        return f"_ConcatLoader({self.loads!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The per-record transform.
+
+
+def _child_rngs(rng: np.random.Generator, n: int):
+    return [np.random.default_rng(int(s)) for s in rng.integers(0, 2**63 - 1, size=n)]
+
+
+class MakeSequence(grain.transforms.RandomMap):
+    """Global record index + Generator -> one training record (a dict of fixed-shape arrays)."""
+
+    def __init__(self, source: CaseSource, cfg: PipelineConfig):
+        self.source = source
+        self.cfg = cfg
+        self.sampler = BalancedSampler(source.infos)
+
+    def random_map(self, record_index, rng: np.random.Generator) -> dict:
+        cfg = self.cfg
+        sample_rng, aug_rng, prompt_rng = _child_rngs(rng, 3)
+        seq = draw_balanced_sequence(self.source.__getitem__, self.sampler, sample_rng, cfg.sampling)
+        size = cfg.image_size
+        if seq.images.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"case {int(seq.case_index[0])} ({self.source.infos[int(seq.case_index[0])].name}): frames have "
+                f"shape {seq.images.shape[1:]}, expected (image_size, image_size, 3) = {(size, size, 3)}"
+            )
+        images, masks = seq.images, seq.masks
+        if cfg.augment_enabled:
+            for _ in range(cfg.max_augment_attempts):
+                a_img, a_msk = augment_sequence(images, masks, aug_rng, cfg.augment,
+                                                independent_frames=seq.independent_frames)
+                if a_msk[0].sum() >= cfg.sampling.min_first_frame_area:
+                    images, masks = a_img, a_msk
+                    break  # else: the warp lost the prompted target; redraw (or keep the raw sequence)
+        prompts = training_prompts(masks, prompt_rng, cfg.prompts)
+        case0 = int(seq.case_index[0])
+        out = {
+            "images": np.ascontiguousarray(images, np.float32),
+            "masks": np.ascontiguousarray(masks, bool),
+            "frame_valid": seq.frame_valid,
+            "frame_index": seq.frame_index,
+            **prompts.as_dict(),
+            "case_index": seq.case_index,
+            "class_id": np.int32(seq.class_id),
+            "component_id": seq.component_id,
+            "task_index": np.int32(self.sampler.task_index(case0)),
+            "modality_index": np.int32(self.sampler.modality_index(case0)),
+            "reversed": np.bool_(seq.reversed),
+            "stride": np.int32(seq.stride),
+            "record_index": np.int64(record_index),
+        }
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset and iterator.
+
+
+def resolve_shard(cfg: PipelineConfig) -> tuple:
+    """(shard_index, shard_count): the config's, else this JAX process's."""
+    index, count = cfg.shard_index, cfg.shard_count
+    if index is None or count is None:
+        import jax
+
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    if not (isinstance(count, (int, np.integer)) and count >= 1 and 0 <= index < count):
+        raise ValueError(f"PipelineConfig: shard_index={index} must be in 0..shard_count-1 with shard_count={count} >= 1")
+    return int(index), int(count)
+
+
+def record_dataset(source: CaseSource, cfg: PipelineConfig) -> grain.MapDataset:
+    """This shard's records (unbatched), random access: ``ds[i]`` is shard record i."""
+    index, count = resolve_shard(cfg)
+    total = ENDLESS if cfg.num_records is None else int(cfg.num_records)
+    per_shard = total // count
+    if per_shard < cfg.batch_size:
+        raise ValueError(
+            f"PipelineConfig: num_records={total} over {count} shard(s) leaves {per_shard} per shard, "
+            f"fewer than batch_size={cfg.batch_size}"
+        )
+    ds = grain.MapDataset.range(total).seed(cfg.seed).random_map(MakeSequence(source, cfg))
+    return ds[: per_shard * count][index::count]
+
+
+def build_dataset(source: CaseSource, cfg: PipelineConfig) -> grain.IterDataset:
+    """The batched, prefetched ``IterDataset``."""
+    ds = record_dataset(source, cfg).batch(cfg.batch_size, drop_remainder=True)
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer_size)
+    )
+    if cfg.num_workers > 0:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
+    return it
+
+
+def _ensure_absl_flags_parsed() -> None:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(source: CaseSource, cfg: PipelineConfig, state: Optional[dict] = None):
+    """A checkpointable grain iterator over batches; ``state`` (from ``get_state()``) resumes exactly."""
+    if cfg.num_workers > 0:
+        _ensure_absl_flags_parsed()
+    it = iter(build_dataset(source, cfg))
+    if state is not None:
+        it.set_state(state)
+    return it

@@ -1,0 +1,347 @@
+"""Balanced sampling, sequence windows and the grain pipeline (determinism, save/restore, shards, workers)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from medsam2_jax.data import pipeline as pl
+from medsam2_jax.data import sampling as sp
+from medsam2_jax.data.augment import AugmentConfig
+from medsam2_jax.data.prompts import PromptConfig
+
+S = 48
+T = 4
+
+
+def _case(seed: int, n: int, classes=(1, 2)) -> pl.ArrayCase:
+    """n slices of noise; per class a disc over a few slices (class 2 split into two components)."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n, S, S, 1)).astype(np.float32).repeat(3, -1)
+    yy, xx = np.mgrid[:S, :S]
+    targets = []
+    for c in classes:
+        comps = 2 if c == 2 else 1
+        for k in range(comps):
+            m = np.zeros((n, S, S), bool)
+            z0 = int(rng.integers(0, max(1, n - 3)))
+            z1 = min(n, z0 + int(rng.integers(2, 9)))
+            cy, cx = rng.integers(S // 4, 3 * S // 4, size=2)
+            r = 4 + 2 * k
+            m[z0:z1] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            targets.append(pl.ArrayTarget(c, k + 1, m))
+    return pl.ArrayCase(img, targets)
+
+
+INFOS = [
+    sp.CaseInfo("liver", "CT", name="l0"), sp.CaseInfo("liver", "CT", name="l1"), sp.CaseInfo("liver", "CT", name="l2"),
+    sp.CaseInfo("liver", "MRI", name="l3"),
+    sp.CaseInfo("brain", "MRI", name="b0"),
+    sp.CaseInfo("polyp", "endoscopy", dim=2, name="p0"), sp.CaseInfo("polyp", "endoscopy", dim=2, name="p1"),
+]
+
+
+@pytest.fixture(scope="module")
+def source():
+    cases = [_case(i, 12) for i in range(5)] + [_case(10 + i, 1) for i in range(2)]
+    return pl.in_memory_source(INFOS, cases)
+
+
+def _cfg(**kw) -> pl.PipelineConfig:
+    base = dict(image_size=S, batch_size=2, seed=7, shard_index=0, shard_count=1,
+                sampling=sp.SamplingConfig(num_frames=T), prompts=PromptConfig(num_points=4))
+    base.update(kw)
+    return pl.PipelineConfig(**base)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_balanced_sampler_probabilities_and_chi_square():
+    sampler = sp.BalancedSampler(INFOS)
+    p = sampler.case_probabilities()
+    # task 1/3 each; liver: modality 1/2 each, CT pool of 3; polyp: pool of 2
+    expected = np.array([1 / 18, 1 / 18, 1 / 18, 1 / 6, 1 / 3, 1 / 6, 1 / 6])
+    np.testing.assert_allclose(p, expected)
+    rng = np.random.default_rng(0)
+    n = 18000
+    counts = np.bincount([sampler.draw(rng) for _ in range(n)], minlength=len(INFOS))
+    # chi-square goodness of fit against the exact probabilities (fixed seed; a wrong scheme, e.g. uniform
+    # over cases, gives chi2 in the thousands)
+    chi2, pval = stats.chisquare(counts, n * expected)
+    assert pval > 1e-4, (counts, chi2)
+    # uniform over cases would be far off: a check that the test has power
+    _, p_uniform = stats.chisquare(counts, np.full(len(INFOS), n / len(INFOS)))
+    assert p_uniform < 1e-12
+
+
+def test_target_choice_balances_classes():
+    rng = np.random.default_rng(0)
+    class_ids = [1, 2, 2, 2]  # class 2 split into three components
+    n = 4000
+    picks = np.array([sp.choose_target(class_ids, rng, "class") for _ in range(n)])
+    assert abs((picks == 0).sum() - n / 2) <= 5 * np.sqrt(n / 4)  # class 1 half of the time
+    picks = np.array([sp.choose_target(class_ids, rng, "target") for _ in range(n)])
+    assert abs((picks == 0).sum() - n / 4) <= 5 * np.sqrt(n * 3 / 16)
+
+
+def test_sample_window_contains_the_target_on_frame_zero():
+    area = np.zeros(30, int)
+    area[14:16] = 50  # full 8-frame windows with stride 1 or 2 exist in both directions
+    rng = np.random.default_rng(0)
+    n = 1000
+    n_rev = 0
+    strides = set()
+    for _ in range(n):
+        frames, rev, k = sp.sample_window(area, 8, rng, stride=(1, 2), reverse_prob=0.5)
+        assert area[frames[0]] > 0 and (frames >= 0).all()
+        assert (np.diff(frames) == (-k if rev else k)).all()
+        n_rev += rev
+        strides.add(k)
+    assert abs(n_rev - n / 2) <= 5 * np.sqrt(n / 4) and strides == {1, 2}
+    # target at the far end of a forward window: no full window -> the frames past the volume are padding
+    area2 = np.zeros(13, int)
+    area2[10:13] = 50
+    for _ in range(20):
+        frames, rev, _ = sp.sample_window(area2, 8, rng, reverse_prob=0.0)
+        start = frames[0]
+        assert not rev and 10 <= start <= 12
+        expected = np.where(start + np.arange(8) < 13, start + np.arange(8), -1)
+        np.testing.assert_array_equal(frames, expected)
+    with pytest.raises(ValueError, match="min_area"):
+        sp.sample_window(np.zeros(5), 4, rng)
+
+
+def test_draw_sequence_3d_and_2d(source):
+    sampler = sp.BalancedSampler(INFOS)
+    rng = np.random.default_rng(0)
+    cfg = sp.SamplingConfig(num_frames=T)
+    for _ in range(30):
+        seq = sp.draw_sequence(0, source.__getitem__, sampler, rng, cfg)
+        case = source[0]
+        assert seq.images.shape == (T, S, S, 3) and seq.masks.shape == (T, S, S)
+        assert seq.masks[0].any() and not seq.independent_frames
+        tgt = next(t for t in case.targets if t.class_id == seq.class_id and t.component_id == seq.component_id[0])
+        for t in range(T):  # frames are the volume's slices and the target's mask at those slices
+            if seq.frame_valid[t]:
+                np.testing.assert_array_equal(seq.images[t], case.image[seq.frame_index[t]])
+                np.testing.assert_array_equal(seq.masks[t], tgt.mask[seq.frame_index[t]])
+            else:
+                assert not seq.masks[t].any()
+    # 2D: T images of the same (task, modality) pool, mask = the class's components in each image
+    seq = sp.draw_sequence(5, source.__getitem__, sampler, rng, cfg)
+    assert seq.independent_frames and set(seq.case_index.tolist()) <= {5, 6} and seq.case_index[0] == 5
+    for t in range(T):
+        c = source[int(seq.case_index[t])]
+        union = np.zeros((S, S), bool)
+        for tg in c.targets:
+            if tg.class_id == seq.class_id:
+                union |= tg.mask[0]
+        np.testing.assert_array_equal(seq.masks[t], union)
+        np.testing.assert_array_equal(seq.images[t], c.image[0])
+
+
+def test_cases_without_targets_are_redrawn_then_reported():
+    infos = [sp.CaseInfo("a", "CT", name="empty"), sp.CaseInfo("b", "CT", name="full")]
+    empty = pl.ArrayCase(np.zeros((5, S, S, 3), np.float32), [])
+    src = pl.in_memory_source(infos, [empty, _case(0, 5)])
+    sampler = sp.BalancedSampler(infos)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        seq = sp.draw_balanced_sequence(src.__getitem__, sampler, rng, sp.SamplingConfig(num_frames=T))
+        assert seq.case_index[0] == 1
+    src_bad = pl.in_memory_source(infos[:1], [empty])
+    with pytest.raises(ValueError, match="had no target.*empty"):
+        sp.draw_balanced_sequence(src_bad.__getitem__, sp.BalancedSampler(infos[:1]), rng,
+                                  sp.SamplingConfig(num_frames=T, max_attempts=3))
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def test_batch_shapes_dtypes_and_prompt_consistency(source):
+    it = pl.make_iterator(source, _cfg(batch_size=3))
+    batches = _take(it, 4)
+    it.close()
+    B, P = 3, 4
+    shapes = {
+        "images": ((B, T, S, S, 3), np.float32), "masks": ((B, T, S, S), bool),
+        "point_coords": ((B, T, P, 2), np.float32), "point_labels": ((B, T, P), np.int32),
+        "mask_inputs": ((B, T, S, S), np.float32), "mask_valid": ((B, T), bool), "prompted": ((B, T), bool),
+        "correct_frames": ((B, T), bool), "frame_valid": ((B, T), bool), "frame_index": ((B, T), np.int32),
+        "case_index": ((B, T), np.int32), "component_id": ((B, T), np.int32), "class_id": ((B,), np.int32),
+        "task_index": ((B,), np.int32), "modality_index": ((B,), np.int32), "prompt_kind": ((B,), np.int32),
+        "reversed": ((B,), bool), "stride": ((B,), np.int32), "record_index": ((B,), np.int64),
+    }
+    for b in batches:
+        assert set(b) == set(shapes)
+        for k, (shape, dtype) in shapes.items():
+            assert b[k].shape == shape and b[k].dtype == dtype, k
+        assert b["masks"][:, 0].reshape(B, -1).any(axis=1).all()  # the target is on the prompted frame
+        assert b["prompted"][:, 0].all()
+        is_mask = b["prompt_kind"] == 0
+        np.testing.assert_array_equal(b["mask_valid"][:, 0], is_mask)
+        np.testing.assert_array_equal(b["mask_inputs"][is_mask, 0], b["masks"][is_mask, 0])
+    np.testing.assert_array_equal(np.concatenate([b["record_index"] for b in batches]), np.arange(12))
+
+
+def test_pipeline_is_deterministic_and_seeded(source):
+    a = pl.make_iterator(source, _cfg())
+    b = pl.make_iterator(source, _cfg(read_threads=3))  # threads do not change the result
+    c = pl.make_iterator(source, _cfg(seed=8))
+    xa, xb, xc = _take(a, 3), _take(b, 3), _take(c, 3)
+    for it in (a, b, c):
+        it.close()
+    _assert_batches_equal(xa, xb)
+    assert not np.array_equal(xa[0]["images"], xc[0]["images"])
+
+
+def test_iterator_save_restore_is_exact(source):
+    cfg = _cfg()
+    it = pl.make_iterator(source, cfg)
+    _take(it, 3)
+    state = it.get_state()
+    after = _take(it, 3)
+    it.close()
+    resumed = pl.make_iterator(source, cfg, state=state)
+    _assert_batches_equal(after, _take(resumed, 3))
+    resumed.close()
+
+
+def test_two_process_shards_are_disjoint_and_cover(source):
+    cfg = _cfg(num_records=10, augment_enabled=False)
+    full = pl.record_dataset(source, dataclasses.replace(cfg, shard_index=0, shard_count=1))
+    shards = [pl.record_dataset(source, dataclasses.replace(cfg, shard_index=i, shard_count=2)) for i in (0, 1)]
+    ids = [[int(shards[i][j]["record_index"]) for j in range(len(shards[i]))] for i in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(10))
+    # a record is the same whichever shard computes it (seeded by its global index)
+    for i in (0, 1):
+        for j, r in enumerate(ids[i]):
+            x, y = shards[i][j], full[r]
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    # the batched iterators see those records
+    it = pl.make_iterator(source, dataclasses.replace(cfg, shard_index=1, shard_count=2, batch_size=2))
+    got = np.concatenate([next(it)["record_index"] for _ in range(2)])
+    it.close()
+    np.testing.assert_array_equal(got, ids[1][:4])
+
+
+def test_default_shard_is_the_jax_process():
+    import jax
+
+    cfg = pl.PipelineConfig()
+    assert pl.resolve_shard(cfg) == (jax.process_index(), jax.process_count())
+    with pytest.raises(ValueError, match="shard_index=2"):
+        pl.resolve_shard(pl.PipelineConfig(shard_index=2, shard_count=2))
+
+
+def test_workers_zero_and_two_give_the_same_batches_and_restore(source):
+    cfg0 = _cfg()
+    ref_it = pl.make_iterator(source, cfg0)
+    ref = _take(ref_it, 4)
+    ref_it.close()
+    cfg2 = dataclasses.replace(cfg0, num_workers=2, worker_buffer_size=1)
+    it = pl.make_iterator(source, cfg2)
+    first = _take(it, 2)
+    state = it.get_state()
+    rest = _take(it, 2)
+    it.close()
+    _assert_batches_equal(ref, first + rest)
+    resumed = pl.make_iterator(source, cfg2, state=state)
+    _assert_batches_equal(rest, _take(resumed, 2))
+    resumed.close()
+
+
+def test_augmentation_switch_and_config_round_trip(source):
+    off = pl.make_iterator(source, _cfg(augment_enabled=False))
+    zero = pl.make_iterator(source, _cfg(augment=AugmentConfig.off()))
+    on = pl.make_iterator(source, _cfg(augment=dataclasses.replace(AugmentConfig(), p_flip=1.0)))
+    xo, xz, xa = _take(off, 2), _take(zero, 2), _take(on, 2)
+    for it in (off, zero, on):
+        it.close()
+    _assert_batches_equal(xo, xz)  # a zero-probability config is the identity
+    assert not np.array_equal(xo[0]["images"], xa[0]["images"])
+    np.testing.assert_array_equal(xo[0]["record_index"], xa[0]["record_index"])
+    # the same sequence is drawn with augmentation on or off (independent random streams)
+    np.testing.assert_array_equal(xo[0]["frame_index"], xa[0]["frame_index"])
+    # ml_collections round trip, nested configs included
+    cfg = _cfg(num_workers=1)
+    cd = cfg.to_config_dict()
+    cd.sampling.num_frames = 6
+    back = pl.PipelineConfig.from_dict(cd)
+    assert back.sampling.num_frames == 6 and back.num_workers == 1 and isinstance(back.augment, AugmentConfig)
+    with pytest.raises(ValueError, match="unknown keys.*'frames'"):
+        pl.PipelineConfig.from_dict({"frames": 3})
+
+
+def test_bad_config_and_sizes_are_named(source):
+    it = pl.make_iterator(source, _cfg(image_size=64))
+    with pytest.raises(ValueError, match="expected \\(image_size, image_size, 3\\)"):
+        next(it)
+    it.close()
+    with pytest.raises(ValueError, match="batch_size"):
+        pl.PipelineConfig(batch_size=0)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        pl.record_dataset(source, _cfg(num_records=3, batch_size=2, shard_count=2))
+    with pytest.raises(TypeError, match="PipelineConfig.sampling"):
+        pl.PipelineConfig(sampling=3)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_from_nifti_phantoms(tmp_path_factory):
+    """NIfTI on disk -> io -> preprocess -> balanced sequences -> batches, two tasks of two modalities."""
+    from medsam2_jax.data import phantoms
+
+    root = tmp_path_factory.mktemp("phantoms")
+    phantoms.write_phantom_dataset(root / "ct", 2, "ct", seed=0, shape=(64, 64, 20))
+    phantoms.write_phantom_dataset(root / "mr", 2, "mri", seed=1, shape=(64, 64, 20))
+    src = pl.concat_sources(pl.dataset_source(root / "ct", 64), pl.dataset_source(root / "mr", 64))
+    assert [i.task for i in src.infos] == ["PhantomCT"] * 2 + ["PhantomMRI"] * 2
+    assert [i.modality for i in src.infos] == ["CT", "CT", "MRI", "MRI"]
+    cfg = pl.PipelineConfig(image_size=64, batch_size=2, seed=3, shard_index=0, shard_count=1, augment_enabled=False,
+                            sampling=sp.SamplingConfig(num_frames=T), prompts=PromptConfig(num_points=4))
+    it = pl.make_iterator(src, cfg)
+    batches = _take(it, 3)
+    it.close()
+    for b in batches:
+        assert b["images"].shape == (2, T, 64, 64, 3) and np.isfinite(b["images"]).all()
+        for i in range(2):
+            # every frame is the preprocessed slice and the target's mask on it, as preprocess made them
+            case = src[int(b["case_index"][i, 0])]
+            tgt = next(t for t in case.targets
+                       if t.class_id == b["class_id"][i] and t.component_id == b["component_id"][i, 0])
+            for t in range(T):
+                if b["frame_valid"][i, t]:
+                    z = b["frame_index"][i, t]
+                    np.testing.assert_array_equal(b["images"][i, t], case.image[z])
+                    np.testing.assert_array_equal(b["masks"][i, t], tgt.mask[z])
+            assert b["masks"][i, 0].any()
+    # a corrupt file: raised with its name, or skipped (redrawn) when the source says so
+    bad = root / "ct" / "imagesTr" / "phantom_001.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    strict = pl.dataset_source(root / "ct", 64)
+    with pytest.raises(ValueError, match="phantom_001"):
+        strict[1]
+    lenient = pl.dataset_source(root / "ct", 64, on_error="skip")
+    assert lenient[1].targets == []
+    it = pl.make_iterator(lenient, cfg)
+    b = next(it)
+    it.close()
+    assert (b["case_index"] == 0).all()
