@@ -1,0 +1,139 @@
+"""FPN neck and the image encoder (``sam2/modeling/backbones/image_encoder.py``), NHWC.
+
+``FpnNeck.convs.{j}.conv`` is a 1x1 conv; as in PyTorch ``convs.0`` reads the *lowest*-resolution trunk
+level (``backbone_channel_list`` is deepest first). Levels are processed from low to high resolution;
+only the levels in ``fpn_top_down_levels`` (SAM 2: [2, 3], the two lowest resolutions) add the nearest x2
+upsampled running feature, the others are lateral only. Each output level gets the sine position
+encoding (a trace-time constant).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .common import Conv2d
+from .hiera import Hiera
+from .position import sine_position_encoding
+from .sizes import ModelSpec, get_spec
+
+Array = jax.Array
+
+
+class _ConvSeq(nnx.Module):
+    """``nn.Sequential`` with one module named ``conv`` (so the key is ``convs.{j}.conv.weight``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, padding: int, *, rngs: nnx.Rngs):
+        self.conv = Conv2d(in_ch, out_ch, kernel_size, stride, padding, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.conv(x)
+
+
+def _upsample_nearest_2x(x: Array) -> Array:
+    """``F.interpolate(scale_factor=2.0, mode="nearest")`` on NHWC: each pixel repeated 2x2 (exact)."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class FpnNeck(nnx.Module):
+    """``FpnNeck(d_model, backbone_channel_list, fpn_interp_model="nearest", fuse_type="sum")``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        backbone_channel_list: Sequence[int],
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        fuse_type: str = "sum",
+        fpn_top_down_levels: Sequence[int] | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if fuse_type not in ("sum", "avg"):
+            raise ValueError(f"fuse_type must be 'sum' or 'avg', got {fuse_type!r}")
+        self.d_model = d_model
+        self.backbone_channel_list = tuple(int(c) for c in backbone_channel_list)
+        self.fuse_type = fuse_type
+        self.convs = nnx.List(
+            [_ConvSeq(c, d_model, kernel_size, stride, padding, rngs=rngs) for c in self.backbone_channel_list]
+        )
+        n = len(self.backbone_channel_list)
+        self.fpn_top_down_levels = tuple(range(n) if fpn_top_down_levels is None else fpn_top_down_levels)
+
+    def __call__(self, xs: Sequence[Array]) -> tuple[list[Array], list[Array]]:
+        """Trunk levels (highest resolution first) -> (features, position encodings), same order."""
+        n = len(self.convs)
+        if len(xs) != n:
+            raise ValueError(f"FpnNeck expects {n} trunk levels, got {len(xs)}")
+        out: list[Array | None] = [None] * n
+        pos: list[Array | None] = [None] * n
+        prev = None
+        for i in range(n - 1, -1, -1):
+            x = xs[i]
+            if x.shape[-1] != self.backbone_channel_list[n - 1 - i]:
+                raise ValueError(
+                    f"trunk level {i} has {x.shape[-1]} channels, expected {self.backbone_channel_list[n - 1 - i]}"
+                )
+            lateral = self.convs[n - 1 - i](x)
+            if i in self.fpn_top_down_levels and prev is not None:
+                prev = lateral + _upsample_nearest_2x(prev.astype(jnp.float32))
+                if self.fuse_type == "avg":
+                    prev = prev / 2
+            else:
+                prev = lateral
+            out[i] = prev
+            b, h, w, _ = prev.shape
+            pe = jnp.asarray(sine_position_encoding(h, w, self.d_model), dtype=prev.dtype)
+            pos[i] = jnp.broadcast_to(pe[None], (b, h, w, self.d_model))
+        return out, pos  # type: ignore[return-value]
+
+
+class ImageEncoder(nnx.Module):
+    """``ImageEncoder(trunk, neck, scalp)``: returns a dict like PyTorch's, with NHWC maps.
+
+    ``{"vision_features": (B, S/16, S/16, d_model), "vision_pos_enc": [...], "backbone_fpn": [...]}``,
+    lists highest resolution first, the ``scalp`` lowest-resolution levels dropped.
+    """
+
+    def __init__(self, trunk: Hiera, neck: FpnNeck, scalp: int = 0):
+        if tuple(trunk.channel_list) != tuple(neck.backbone_channel_list):
+            raise ValueError(
+                f"channel dims of trunk and neck do not match: trunk {list(trunk.channel_list)}, "
+                f"neck {list(neck.backbone_channel_list)}"
+            )
+        if not 0 <= scalp < len(neck.convs):
+            raise ValueError(f"scalp must be in [0, {len(neck.convs) - 1}], got {scalp}")
+        self.trunk = trunk
+        self.neck = neck
+        self.scalp = scalp
+
+    def __call__(self, x: Array) -> dict:
+        features, pos = self.neck(self.trunk(x))
+        if self.scalp > 0:
+            features, pos = features[: -self.scalp], pos[: -self.scalp]
+        return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
+
+
+def image_encoder_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> ImageEncoder:
+    trunk = Hiera.from_spec(spec, rngs=rngs)
+    neck = FpnNeck(
+        spec.d_model,
+        spec.backbone_channel_list,
+        fpn_top_down_levels=spec.fpn_top_down_levels,
+        rngs=rngs,
+    )
+    return ImageEncoder(trunk, neck, scalp=spec.scalp)
+
+
+def build_image_encoder(model_name: str, *, rngs: nnx.Rngs) -> ImageEncoder:
+    """The image encoder of a SAM 2 / 2.1 size (``sam2.1_hiera_t``, ``sam2_hiera_b+``, ``sam2.1_hiera_large`` ...)."""
+    return image_encoder_from_spec(get_spec(model_name), rngs=rngs)
+
+
+__all__ = ["FpnNeck", "ImageEncoder", "build_image_encoder", "image_encoder_from_spec"]
