@@ -1,0 +1,576 @@
+"""The self-sorting memory bank of Medical SAM 2 (paper §3.2–3.3), as pure functions over fixed-size arrays.
+
+The method
+----------
+SAM 2 attends, at frame ``t``, to the memories of the prompted (conditioning) frames plus those of the
+``num_maskmem - 1 = 6`` frames just before ``t`` (paper eq. 1): a FIFO. Medical SAM 2 replaces that FIFO by
+a *self-sorting* bank of ``K`` entries ``E_i``, which is what lets it track through unordered image sets
+(2D one-prompt segmentation) and through slice sequences in any orientation (3D):
+
+1. **Confidence gate.** After predicting frame ``t-1`` with IoU confidence ``c_{t-1}`` (the mask decoder's
+   IoU head, for the chosen mask), the entry ``E_{t-1}`` is considered only if ``c_{t-1} >= c_thresh``;
+   otherwise the bank is left unchanged.
+2. **Total dissimilarity (eq. 2).** Over the ``K + 1`` candidates ``C = M_{t-1} ∪ {E_{t-1}}``,
+   ``D_i = Σ_{j≠i} (1 − cos(E_i, E_j))``.
+3. **TopK (eq. 3).** The ``K`` candidates with the largest ``D_i`` form ``M_t``: the most redundant one
+   is dropped.
+4. **Resampling (eqs. 4–5).** Before memory attention at frame ``t``, ``K`` indices are drawn *with
+   replacement* with ``p_i ∝ sim(F_t, E_i)``; memory attention reads the drawn entries.
+
+Everything here is a pure function of fixed-shape pytrees, so a whole propagation is one ``lax.scan``, a
+batch of volumes or objects is one ``vmap``, and nothing recompiles as the bank fills:
+
+* :class:`Bank` — ``payload`` (any pytree whose leaves have a leading ``K`` axis; the tracker stores
+  SAM 2's memory features ``[K, N, 64]``, their position encodings ``[K, N, 64]`` and object pointers
+  ``[K, 256]`` there — the bank never looks inside it), ``descriptor [K, D]`` (what the similarities are
+  computed on), ``confidence [K]``, ``frame_idx [K]``, ``valid [K]``, ``stamp [K]`` (insertion order) and
+  ``clock`` (insertions so far).
+* :func:`init`, :func:`update` / :func:`update_with_info` (eqs. 2–3 and SAM 2's FIFO),
+  :func:`resample` / :func:`sampling_probabilities` (eqs. 4–5), :func:`gather`,
+  :func:`temporal_index` (the temporal position rule), :func:`read` (everything the tracker needs before
+  memory attention, in one call), :func:`make_descriptor`, :func:`total_dissimilarity`.
+
+Configuration, defaults and why (:class:`BankConfig`)
+-----------------------------------------------------
+=====================  ==============  ========================================================================
+field                  default         why
+=====================  ==============  ========================================================================
+``policy``             "self_sorting"  The paper's method. ``"fifo"`` is SAM 2's own memory (the most recent
+                                       ``K`` frames, every frame stored, no threshold, no resampling) and
+                                       ignores the three switches below.
+``use_threshold``      True            Paper Table 3, first column (confidence gate).
+``use_dissimilarity``  True            Table 3, second column. When False a confident entry evicts the
+                                       *oldest* entry, i.e. "SAM 2's FIFO behind a confidence gate" — the
+                                       paper's baseline row ("rather than simply using the most recent K
+                                       frames as in SAM 2").
+``use_resampling``     True            Table 3, third column. When False memory attention reads the bank as
+                                       is (each valid entry once).
+``c_thresh``           0.5             The paper gives no value. 0.5 on SAM 2's predicted IoU means "the
+                                       model expects its mask to overlap the truth more than not"; it is
+                                       also SAMURAI's default gate on the same IoU head
+                                       (``memory_bank_iou_threshold = 0.5``) for the same purpose (keeping
+                                       doubtful frames out of a SAM 2 memory). Prompted frames are always
+                                       attended outside the bank, so a strict gate cannot starve the tracker.
+``num_slots`` (K)      6               ``num_maskmem - 1``: pretrained SAM 2 memory attention was trained on
+                                       at most 6 non-conditioning memories plus the prompted ones, and with
+                                       ``policy="fifo"`` K = 6 *is* SAM 2. The paper does not state K; the
+                                       official 2D code uses 16 (use ``num_slots=16`` for that comparison).
+``weighting``          "linear"        Eq. 4 literally: ``p_i ∝ max(cos, linear_eps)``. ``"softmax"``
+                                       (``softmax(cos / temperature)``) is the official code's choice.
+``linear_eps``         1e-6            Cosine can be ≤ 0, and then eq. 4 is not a distribution. Clamping at a
+                                       tiny positive value keeps it one: an entry pointing away from the
+                                       query is (practically) never drawn, unless every entry does, in which
+                                       case draws are uniform over the valid entries.
+``temperature``        1.0             Only for ``"softmax"``. 1.0 reproduces the official code (whose
+                                       weights are then nearly uniform: ratios ≤ e² ≈ 7.4); lower sharpens.
+``tpos_rule``          "distance"      Which row of SAM 2's ``maskmem_tpos_enc`` an entry gets (see below).
+``num_maskmem``        7               SAM 2's temporal table size (rows for distances 1..6 + prompted).
+``descriptor_pool``    4               :func:`make_descriptor` averages the image embedding over a 4 x 4
+                                       grid (D = 16 * 256 = 4096): keeps the coarse layout, costs nothing.
+=====================  ==============  ========================================================================
+
+Decisions where the paper is silent (ours)
+------------------------------------------
+* **What E_i is for similarity.** Cosine must compare like with like: each entry carries a *descriptor*
+  of its frame in the same space as the query ``F_t`` — the frame's own image embedding (the backbone's
+  lowest-resolution map, *before* memory conditioning), pooled by :func:`make_descriptor`. The same
+  descriptor serves eq. 2 and eq. 4. What memory attention reads stays SAM 2's (the payload).
+* **Empty and partly filled bank.** Slots carry a validity mask. While the bank is not full, an accepted
+  entry fills the lowest free slot (TopK over ≤ K valid candidates keeps them all). Once full, the
+  ``K + 1``-candidate TopK drops exactly one candidate — the argmin of ``D`` — and the new entry is written
+  into the dropped slot (or the bank is unchanged if the new entry is the one dropped). This *is* the masked
+  TopK of eq. 3 (invalid candidates score −inf and are never kept) but writes one entry instead of
+  gathering all ``K`` payloads, and slots never move, so FIFO is a ring buffer.
+* **Ties** in ``D`` (e.g. identical blank slices) are broken by age: **the older entry is kept**, so an
+  exact duplicate of an entry already in the bank never displaces it. To make ties exact and the kept set
+  independent of slot order *bit for bit*, each row of ``1 − cos`` terms is sorted before it is summed
+  (``K + 1`` terms: free), and similarities use ``Precision.HIGHEST`` matmuls.
+* **K = 1** with dissimilarity: both candidates have the same ``D`` (eq. 2 is symmetric), so the first
+  confident entry stays forever. That is eq. 2–3 taken literally; use ``use_dissimilarity=False`` or K > 1.
+* **All-invalid bank.** ``jax.random.categorical`` silently returns index 0 when every logit is −inf; the
+  draw's validity is taken from the drawn slot, so an empty bank yields an all-invalid view (slots −1).
+* **Temporal position encoding** of unordered entries. SAM 2 adds ``maskmem_tpos_enc[t_rel - 1]`` to a
+  non-conditioning memory ``t_rel ∈ 1..6`` frames away (row ``num_maskmem - 1`` belongs to prompted
+  frames). ``"distance"`` (default): ``t_rel = clip(|t − frame_idx|, 1, num_maskmem − 1)`` — SAM 2's own
+  rule, exact under FIFO, and honest for far entries (they get the "farthest" row). ``"rank"``: the dense
+  rank of that distance among the valid entries (duplicates share a rank), clipped the same way — always
+  spreads the entries over rows 1..6 as pretrained weights saw them. Both are slot-order independent.
+* **FIFO read window.** :func:`read` under ``"fifo"`` also drops entries more than ``K`` frames away (eq. 1;
+  for K = 6 exactly SAM 2's window). With the tracker storing only non-prompted frames in the bank, this
+  reproduces SAM 2 when a prompted frame lies inside the window (SAM 2 then attends to 5 memories, not 6).
+* **Gradients.** Selection is discrete: scores are computed under ``stop_gradient``. The payload is *not*
+  detached: the entry written by :func:`update` and the entries gathered by :func:`resample` keep the
+  gradients of the frames they came from (writes and gathers are differentiable), as in SAM 2's own
+  training, where memories of earlier frames of a clip are not detached. Truncate with
+  ``jax.lax.stop_gradient`` on the payload in the tracker if memory is a concern.
+* **Not-drawn / invalid entries** of a view hold zeros, frame −1, and are marked ``valid = False``; memory
+  attention must mask them.
+* **NaN confidence** fails ``c >= c_thresh`` and is rejected.
+
+How it differs from the official code (SuperMedIntel/Medical-SAM2, which we do not copy)
+---------------------------------------------------------------------------------------
+The official code has a bank only in its 2D path (its 3D path is plain SAM 2 FIFO, one orientation); it
+appends unconditionally while not full, then swaps one entry by a heuristic (the nearest neighbour of the
+entry least similar to the new one, if ``iou_new > iou_old − 0.1``) instead of an absolute threshold and
+TopK of total dissimilarity; its write-side similarity is on memory features and its read-side on the
+flattened image embedding, where the query and the keys are flattened in different orders (HWC vs CHW);
+it draws ``softmax(cos)`` samples, as many as the batch size (one by default), not K; it detaches
+everything; and it adds no temporal encoding. Here: one bank for 2D and 3D, the paper's eqs. 2–5, one
+descriptor for both similarities, K draws, a documented temporal rule, and gradients through the payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+POLICIES = ("fifo", "self_sorting")
+WEIGHTINGS = ("linear", "softmax")
+TPOS_RULES = ("distance", "rank")
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NORM_FLOOR = 1e-12  # a zero descriptor has cosine 0 with everything (no NaN)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    """Static configuration of one bank (frozen and hashable: pass it as a static ``jit`` argument).
+
+    See the module docstring for each default and why. ``policy="fifo"`` ignores ``use_threshold``,
+    ``use_dissimilarity`` and ``use_resampling``; the effective switches are :attr:`threshold_on`,
+    :attr:`dissimilarity_on` and :attr:`resampling_on`.
+    """
+
+    policy: str = "self_sorting"
+    use_threshold: bool = True
+    use_dissimilarity: bool = True
+    use_resampling: bool = True
+    c_thresh: float = 0.5
+    num_slots: int = 6
+    weighting: str = "linear"
+    linear_eps: float = 1e-6
+    temperature: float = 1.0
+    tpos_rule: str = "distance"
+    num_maskmem: int = 7
+    descriptor_pool: int = 4
+
+    def __post_init__(self):
+        def bad(field, value, expected):
+            raise ValueError(f"BankConfig.{field}: got {value!r}, expected {expected}")
+
+        if self.policy not in POLICIES:
+            bad("policy", self.policy, f"one of {POLICIES}")
+        if self.weighting not in WEIGHTINGS:
+            bad("weighting", self.weighting, f"one of {WEIGHTINGS}")
+        if self.tpos_rule not in TPOS_RULES:
+            bad("tpos_rule", self.tpos_rule, f"one of {TPOS_RULES}")
+        for name in ("use_threshold", "use_dissimilarity", "use_resampling"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, getattr(self, name), "a bool")
+        for name, low in (("num_slots", 1), ("num_maskmem", 2), ("descriptor_pool", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                bad(name, value, f"an int >= {low}")
+        if not (isinstance(self.c_thresh, (int, float)) and np.isfinite(self.c_thresh)):
+            bad("c_thresh", self.c_thresh, "a finite float")
+        for name in ("linear_eps", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                bad(name, value, "a finite float > 0")
+
+    @classmethod
+    def sam2_fifo(cls, num_slots: int = 6, **kw) -> "BankConfig":
+        """SAM 2's own memory: the most recent ``num_slots`` frames (K = 6 reproduces SAM 2)."""
+        return cls(policy="fifo", num_slots=num_slots, **kw)
+
+    @property
+    def threshold_on(self) -> bool:
+        return self.policy == "self_sorting" and self.use_threshold
+
+    @property
+    def dissimilarity_on(self) -> bool:
+        return self.policy == "self_sorting" and self.use_dissimilarity
+
+    @property
+    def resampling_on(self) -> bool:
+        return self.policy == "self_sorting" and self.use_resampling
+
+
+# --------------------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Bank:
+    """One memory bank (a pytree). Slot ``i`` is in use iff ``valid[i]``; empty slots hold zeros,
+    ``frame_idx = stamp = -1``. A *view* returned by :func:`resample` / :func:`gather` has the same type."""
+
+    payload: Any  # pytree, leaves [K, ...]
+    descriptor: Array  # [K, D] float32
+    confidence: Array  # [K] float32
+    frame_idx: Array  # [K] int32
+    valid: Array  # [K] bool
+    stamp: Array  # [K] int32: value of `clock` when the entry was inserted (insertion order), -1 if empty
+    clock: Array  # [] int32: number of insertions so far
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid.shape[-1]
+
+
+@struct.dataclass
+class UpdateInfo:
+    """What one :func:`update_with_info` did (for tests and diagnostics)."""
+
+    accepted: Array  # [] bool: passed the confidence gate (always True when the gate is off)
+    inserted: Array  # [] bool: the new entry is in the bank now
+    slot: Array  # [] int32: slot written, -1 if none
+    evicted_frame: Array  # [] int32: frame_idx of the entry it replaced, -1 if none (free slot / no write)
+    dissimilarity: Array  # [K+1] float32: eq. 2 over the candidates (bank slots, then the new one); -inf invalid
+
+
+@struct.dataclass
+class Read:
+    """Everything memory attention needs from the bank at one frame (see :func:`read`)."""
+
+    view: Bank  # K entries to attend to; view.valid says which are real
+    slots: Array  # [K] int32: bank slot each view entry came from, -1 if none
+    t_rel: Array  # [K] int32 in [1, num_maskmem-1]: temporal distance used for the encoding
+    tpos_row: Array  # [K] int32: row of SAM 2's maskmem_tpos_enc to add (= t_rel - 1)
+
+
+def _leaf_spec(x) -> tuple[tuple[int, ...], Any]:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return tuple(x.shape), x.dtype
+    a = np.asarray(x)
+    return a.shape, a.dtype
+
+
+def init(cfg: BankConfig, payload_example: Any, descriptor_dim: int) -> Bank:
+    """An empty bank of ``cfg.num_slots`` slots.
+
+    ``payload_example`` is one entry's payload (a pytree of arrays or ``jax.ShapeDtypeStruct``; no K axis):
+    each leaf becomes a zero buffer of shape ``(K, *leaf.shape)`` and the leaf's dtype.
+    """
+    if not isinstance(cfg, BankConfig):
+        raise TypeError(f"init: cfg must be a BankConfig, got {type(cfg).__name__}")
+    if not isinstance(descriptor_dim, (int, np.integer)) or descriptor_dim < 1:
+        raise ValueError(f"init: descriptor_dim must be an int >= 1, got {descriptor_dim!r}")
+    k = cfg.num_slots
+
+    def zeros(x):
+        shape, dtype = _leaf_spec(x)
+        return jnp.zeros((k,) + shape, dtype)
+
+    return Bank(
+        payload=jax.tree.map(zeros, payload_example),
+        descriptor=jnp.zeros((k, int(descriptor_dim)), jnp.float32),
+        confidence=jnp.zeros((k,), jnp.float32),
+        frame_idx=jnp.full((k,), -1, jnp.int32),
+        valid=jnp.zeros((k,), bool),
+        stamp=jnp.full((k,), -1, jnp.int32),
+        clock=jnp.zeros((), jnp.int32),
+    )
+
+
+def num_valid(bank: Bank) -> Array:
+    return jnp.sum(bank.valid.astype(jnp.int32), axis=-1)
+
+
+def chronological_slots(bank: Bank) -> Array:
+    """Slot indices sorted by insertion order (oldest first), empty slots last."""
+    key = jnp.where(bank.valid, bank.stamp, jnp.iinfo(jnp.int32).max)
+    return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Similarities
+# --------------------------------------------------------------------------------------------------------
+
+
+def _unit(x: Array) -> Array:
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, _NORM_FLOOR)
+
+
+def cosine_to(descriptors: Array, query: Array) -> Array:
+    """Cosine similarity of each row of ``descriptors [N, D]`` with ``query [D]`` (no gradient)."""
+    return jnp.matmul(_unit(descriptors), _unit(query), precision=_HIGHEST)
+
+
+def total_dissimilarity(descriptors: Array, valid: Array) -> Array:
+    """Eq. 2: ``D_i = Σ_{j valid, j≠i} (1 − cos(E_i, E_j))`` for valid ``i``; −inf for invalid ``i``.
+
+    Each row's terms are sorted before summing, so ``D`` is exactly invariant to the order of the rows and
+    exactly equal for identical descriptors (exact ties, broken by age in :func:`update`).
+    """
+    e = _unit(descriptors)
+    g = jnp.matmul(e, e.T, precision=_HIGHEST)
+    n = valid.shape[-1]
+    pair = valid[:, None] & valid[None, :] & ~jnp.eye(n, dtype=bool)
+    terms = jnp.where(pair, 1.0 - g, 0.0)
+    d = jnp.sum(jnp.sort(terms, axis=-1), axis=-1)
+    return jnp.where(valid, d, -jnp.inf)
+
+
+def make_descriptor(features: Array, cfg: BankConfig) -> Array:
+    """A frame's descriptor from its image embedding ``[..., H, W, C]`` (NHWC, before memory conditioning):
+    the mean over a ``descriptor_pool x descriptor_pool`` grid of cells, flattened to ``[..., g*g*C]``.
+    ``descriptor_pool = H = W`` keeps the whole map (the official code's full-map cosine)."""
+    g = cfg.descriptor_pool
+    if features.ndim < 3:
+        raise ValueError(f"make_descriptor: features must be [..., H, W, C], got shape {features.shape}")
+    h, w, c = features.shape[-3:]
+    if h % g or w % g:
+        raise ValueError(
+            f"make_descriptor: feature map {h}x{w} is not divisible by cfg.descriptor_pool={g}; "
+            f"expected H and W to be multiples of {g}"
+        )
+    lead = features.shape[:-3]
+    x = features.astype(jnp.float32).reshape(lead + (g, h // g, g, w // g, c))
+    return x.mean(axis=(-4, -2)).reshape(lead + (g * g * c,))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Update (eqs. 2–3, and SAM 2's FIFO)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_bank(bank: Bank, cfg: BankConfig, where: str) -> None:
+    if not isinstance(cfg, BankConfig):
+        raise TypeError(f"{where}: cfg must be a BankConfig, got {type(cfg).__name__}")
+    if bank.valid.ndim != 1:
+        raise ValueError(
+            f"{where}: bank.valid has shape {bank.valid.shape}, expected ({cfg.num_slots},); "
+            "use jax.vmap for a batch of banks"
+        )
+    if bank.valid.shape[0] != cfg.num_slots:
+        raise ValueError(
+            f"{where}: bank has {bank.valid.shape[0]} slots but cfg.num_slots={cfg.num_slots}; "
+            "build the bank with init(cfg, ...) from the same config"
+        )
+
+
+def update_with_info(
+    bank: Bank, payload_entry: Any, descriptor: Array, confidence: Array, frame_idx: Array, cfg: BankConfig
+) -> tuple[Bank, UpdateInfo]:
+    """Offer one frame's entry to the bank (see :func:`update`); also returns what happened."""
+    where = "bank.update"
+    _check_bank(bank, cfg, where)
+    k = cfg.num_slots
+    bank_leaves, bank_tree = jax.tree_util.tree_flatten_with_path(bank.payload)
+    entry_leaves, entry_tree = jax.tree.flatten(payload_entry)
+    if bank_tree != entry_tree:
+        raise ValueError(f"{where}: payload_entry has structure {entry_tree}, expected {bank_tree} (the bank's)")
+    for (path, b), e in zip(bank_leaves, entry_leaves):
+        if tuple(jnp.shape(e)) != tuple(b.shape[1:]):
+            raise ValueError(
+                f"{where}: payload_entry{jax.tree_util.keystr(path)} has shape {tuple(jnp.shape(e))}, "
+                f"expected {tuple(b.shape[1:])} (the bank's payload without its K axis)"
+            )
+    if tuple(jnp.shape(descriptor)) != tuple(bank.descriptor.shape[1:]):
+        raise ValueError(
+            f"{where}: descriptor has shape {tuple(jnp.shape(descriptor))}, "
+            f"expected {tuple(bank.descriptor.shape[1:])}"
+        )
+    for name, value in (("confidence", confidence), ("frame_idx", frame_idx)):
+        if jnp.shape(value) != ():
+            raise ValueError(f"{where}: {name} must be a scalar, got shape {jnp.shape(value)}")
+
+    conf = jnp.asarray(confidence, jnp.float32)
+    fidx = jnp.asarray(frame_idx, jnp.int32)
+    desc = jnp.asarray(descriptor, bank.descriptor.dtype)
+
+    accepted = (conf >= cfg.c_thresh) if cfg.threshold_on else jnp.array(True)
+    full = jnp.all(bank.valid)
+    free_slot = jnp.argmax(~bank.valid).astype(jnp.int32)  # lowest empty slot (meaningless when full)
+
+    # Candidates: the K slots, then the new entry (index K), which is the newest (stamp = clock).
+    cand_valid = jnp.concatenate([bank.valid, jnp.ones((1,), bool)])
+    cand_stamp = jnp.concatenate([bank.stamp, bank.clock[None]])
+    dis = total_dissimilarity(jnp.concatenate([bank.descriptor, desc[None]]), cand_valid)
+
+    if cfg.dissimilarity_on:
+        # TopK of K+1 (eq. 3) == drop the argmin of D; ties: the newest of the tied is dropped (older kept).
+        tied = dis == jnp.min(dis)
+        drop = jnp.argmax(jnp.where(tied, cand_stamp, -2)).astype(jnp.int32)
+    else:
+        # Keep the K most recent: drop the oldest slot (never the new entry, the newest candidate).
+        drop = jnp.argmin(jnp.where(bank.valid, bank.stamp, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)
+
+    target = jnp.where(full, drop, free_slot)
+    write = accepted & (target < k)
+    slot = jnp.minimum(target, k - 1)
+
+    def put(buf, value):
+        return buf.at[slot].set(jnp.where(write, jnp.asarray(value, buf.dtype), buf[slot]))
+
+    new_bank = Bank(
+        payload=jax.tree.map(put, bank.payload, payload_entry),
+        descriptor=put(bank.descriptor, desc),
+        confidence=put(bank.confidence, conf),
+        frame_idx=put(bank.frame_idx, fidx),
+        valid=put(bank.valid, True),
+        stamp=put(bank.stamp, bank.clock),
+        clock=bank.clock + write.astype(jnp.int32),
+    )
+    info = UpdateInfo(
+        accepted=accepted,
+        inserted=write,
+        slot=jnp.where(write, slot, -1),
+        evicted_frame=jnp.where(write & bank.valid[slot], bank.frame_idx[slot], -1),
+        dissimilarity=dis,
+    )
+    return new_bank, info
+
+
+def update(
+    bank: Bank, payload_entry: Any, descriptor: Array, confidence: Array, frame_idx: Array, cfg: BankConfig
+) -> Bank:
+    """Offer one frame's entry to the bank; returns the new bank (same shapes).
+
+    * ``fifo``: always stored; fills the lowest free slot, then evicts the oldest (a ring buffer).
+    * ``self_sorting``: if ``use_threshold`` and ``confidence < c_thresh`` (or NaN): unchanged. Otherwise
+      the lowest free slot while the bank is not full; when full, the K+1 candidates' total dissimilarity
+      (eq. 2) decides which one is dropped (eq. 3; ties keep the older), or, without ``use_dissimilarity``,
+      the oldest entry is evicted.
+
+    ``payload_entry`` must match the bank's payload without the K axis; ``descriptor`` is ``[D]``;
+    ``confidence`` and ``frame_idx`` are scalars. Pure, jit/vmap/scan-friendly; ``cfg`` is static.
+    """
+    return update_with_info(bank, payload_entry, descriptor, confidence, frame_idx, cfg)[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resampling (eqs. 4–5)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_query(bank: Bank, query: Array, where: str) -> None:
+    if tuple(jnp.shape(query)) != tuple(bank.descriptor.shape[1:]):
+        raise ValueError(
+            f"{where}: query_descriptor has shape {tuple(jnp.shape(query))}, "
+            f"expected {tuple(bank.descriptor.shape[1:])} (the bank's descriptor shape)"
+        )
+
+
+def sampling_logits(bank: Bank, query_descriptor: Array, cfg: BankConfig) -> Array:
+    """Logits whose softmax is eq. 4's distribution: ``log max(cos, eps)`` (linear) or ``cos / T``
+    (softmax); −inf for invalid slots."""
+    cos = cosine_to(bank.descriptor, query_descriptor)
+    if cfg.weighting == "linear":
+        logits = jnp.log(jnp.maximum(cos, cfg.linear_eps))
+    else:
+        logits = cos / cfg.temperature
+    return jnp.where(bank.valid, logits, -jnp.inf)
+
+
+def sampling_probabilities(bank: Bank, query_descriptor: Array, cfg: BankConfig) -> Array:
+    """Eq. 4: ``p_i`` over the K slots (0 for invalid slots; all 0 for an empty bank)."""
+    _check_query(bank, query_descriptor, "bank.sampling_probabilities")
+    valid = bank.valid
+    if cfg.weighting == "linear":
+        w = jnp.where(valid, jnp.maximum(cosine_to(bank.descriptor, query_descriptor), cfg.linear_eps), 0.0)
+    else:
+        logits = sampling_logits(bank, query_descriptor, cfg)
+        m = jnp.where(jnp.any(valid), jnp.max(jnp.where(valid, logits, -jnp.inf)), 0.0)
+        w = jnp.where(valid, jnp.exp(jnp.where(valid, logits, m) - m), 0.0)
+    total = jnp.sum(w)
+    return w / jnp.where(total > 0, total, 1.0)
+
+
+def gather(bank: Bank, slots: Array) -> Bank:
+    """The entries at ``slots`` (int array ``[M]``; −1 = none) as a view of M entries. Entries whose slot
+    is −1 or empty are invalid and hold zeros / frame −1. Differentiable w.r.t. the payload."""
+    k = bank.num_slots
+    slots = jnp.asarray(slots, jnp.int32)
+    safe = jnp.clip(slots, 0, k - 1)
+    ok = (slots >= 0) & (slots < k) & bank.valid[safe]
+
+    def take(buf, fill=0):
+        picked = buf[safe]
+        mask = ok.reshape(ok.shape + (1,) * (picked.ndim - 1))
+        return jnp.where(mask, picked, jnp.asarray(fill, buf.dtype))
+
+    return Bank(
+        payload=jax.tree.map(take, bank.payload),
+        descriptor=take(bank.descriptor),
+        confidence=take(bank.confidence),
+        frame_idx=take(bank.frame_idx, -1),
+        valid=ok,
+        stamp=take(bank.stamp, -1),
+        clock=bank.clock,
+    )
+
+
+def resample(bank: Bank, query_descriptor: Array, key: Array, cfg: BankConfig) -> tuple[Bank, Array]:
+    """Eq. 5: K entries drawn with replacement with eq. 4's probabilities; returns ``(view, slots)``.
+
+    ``view`` is a :class:`Bank` of K drawn entries (``view.valid`` = drawn from a valid slot; an empty bank
+    gives an all-invalid view), ``slots [K]`` the source slot of each draw (−1 if none). Invalid slots are
+    never drawn. Without resampling (``use_resampling=False`` or ``fifo``) the view is the bank itself and
+    ``slots = arange(K)`` on valid slots. Selection is discrete and gradient-free; the gathered payload
+    carries the gradients of the entries it came from.
+    """
+    _check_bank(bank, cfg, "bank.resample")
+    _check_query(bank, query_descriptor, "bank.resample")
+    k = cfg.num_slots
+    if not cfg.resampling_on:
+        return bank, jnp.where(bank.valid, jnp.arange(k, dtype=jnp.int32), -1)
+    logits = sampling_logits(bank, query_descriptor, cfg)
+    idx = jax.random.categorical(key, logits, shape=(k,)).astype(jnp.int32)
+    # All-invalid guard: categorical returns 0 when every logit is -inf; slot 0 is then empty.
+    drawn = bank.valid[idx] & jnp.any(bank.valid)
+    slots = jnp.where(drawn, idx, -1)
+    return gather(bank, slots), slots
+
+
+# --------------------------------------------------------------------------------------------------------
+# Temporal position rule and the one-call read
+# --------------------------------------------------------------------------------------------------------
+
+
+def temporal_index(bank_or_view: Bank, current_frame: Array, cfg: BankConfig) -> Array:
+    """``t_rel [K]`` in ``[1, num_maskmem − 1]`` for each entry, by ``cfg.tpos_rule`` (module docstring).
+
+    SAM 2 adds ``maskmem_tpos_enc[t_rel − 1]`` to such a memory. Invalid entries get ``num_maskmem − 1``
+    (in range; they must be masked anyway).
+    """
+    hi = cfg.num_maskmem - 1
+    valid = bank_or_view.valid
+    dist = jnp.abs(jnp.asarray(current_frame, jnp.int32) - bank_or_view.frame_idx)
+    if cfg.tpos_rule == "distance":
+        t_rel = dist
+    else:
+        n = valid.shape[-1]
+        same = (dist[:, None] == dist[None, :]) & valid[:, None] & valid[None, :]
+        before = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]
+        first = valid & ~jnp.any(same & before, axis=1)  # one representative per distinct distance
+        t_rel = 1 + jnp.sum(first[None, :] & (dist[None, :] < dist[:, None]), axis=1)
+    return jnp.where(valid, jnp.clip(t_rel, 1, hi), hi).astype(jnp.int32)
+
+
+def read(bank: Bank, query_descriptor: Array, current_frame: Array, key: Array, cfg: BankConfig) -> Read:
+    """What memory attention reads at ``current_frame``: the (resampled) view, its validity, and the
+    temporal encoding rows. Under ``fifo`` entries more than ``K`` frames away are masked (eq. 1)."""
+    view, slots = resample(bank, query_descriptor, key, cfg)
+    if cfg.policy == "fifo":
+        near = jnp.abs(jnp.asarray(current_frame, jnp.int32) - view.frame_idx) <= cfg.num_slots
+        view = view.replace(valid=view.valid & near)
+        slots = jnp.where(view.valid, slots, -1)
+    t_rel = temporal_index(view, current_frame, cfg)
+    return Read(view=view, slots=slots, t_rel=t_rel, tpos_row=t_rel - 1)
