@@ -209,16 +209,25 @@ def test_pipeline_is_deterministic_and_seeded(source):
     assert not np.array_equal(xa[0]["images"], xc[0]["images"])
 
 
-def test_iterator_save_restore_is_exact(source):
+def test_iterator_save_restore_is_exact(source, tmp_path):
+    import grain
+    from etils import epath
+
     cfg = _cfg()
     it = pl.make_iterator(source, cfg)
     _take(it, 3)
     state = it.get_state()
+    # saved the way orbax saves it (grain's checkpoint handler writes the state as JSON per process)
+    grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), item=it)
     after = _take(it, 3)
     it.close()
     resumed = pl.make_iterator(source, cfg, state=state)
     _assert_batches_equal(after, _take(resumed, 3))
     resumed.close()
+    from_disk = pl.make_iterator(source, cfg)
+    grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), item=from_disk)
+    _assert_batches_equal(after, _take(from_disk, 3))
+    from_disk.close()
 
 
 def test_two_process_shards_are_disjoint_and_cover(source):
