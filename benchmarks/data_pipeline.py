@@ -60,7 +60,8 @@ def memory_source(size: int, n_cases: int, n_slices: int) -> pl.CaseSource:
     yy, xx = np.mgrid[:size, :size] / size
     infos, cases = [], []
     for i in range(2 * n_cases):
-        img = rng.normal(size=(n_slices, 1, 1, 1)) + np.sin(8 * yy + i)[None, :, :, None] * np.cos(5 * xx)[None, :, :, None]
+        pattern = (np.sin(8 * yy + i) * np.cos(5 * xx))[None, :, :, None]
+        img = rng.normal(size=(n_slices, 1, 1, 1)) + pattern
         img = np.repeat(img.astype(np.float32), 3, axis=-1)
         targets = []
         for c in (1, 2, 3):
@@ -71,7 +72,8 @@ def memory_source(size: int, n_cases: int, n_slices: int) -> pl.CaseSource:
             m[z0:z1] = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
             targets.append(pl.ArrayTarget(c, 1, m))
         cases.append(pl.ArrayCase(img, targets))
-        infos.append(sp.CaseInfo("ct_task" if i < n_cases else "mri_task", "CT" if i < n_cases else "MRI", name=f"m{i}"))
+        first = i < n_cases
+        infos.append(sp.CaseInfo("ct_task" if first else "mri_task", "CT" if first else "MRI", name=f"m{i}"))
     return pl.in_memory_source(infos, cases)
 
 

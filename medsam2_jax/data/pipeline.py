@@ -354,7 +354,9 @@ def resolve_shard(cfg: PipelineConfig) -> tuple:
         index = jax.process_index() if index is None else index
         count = jax.process_count() if count is None else count
     if not (isinstance(count, (int, np.integer)) and count >= 1 and 0 <= index < count):
-        raise ValueError(f"PipelineConfig: shard_index={index} must be in 0..shard_count-1 with shard_count={count} >= 1")
+        raise ValueError(
+            f"PipelineConfig: shard_index={index} must be in 0..shard_count-1 with shard_count={count} >= 1"
+        )
     return int(index), int(count)
 
 
