@@ -354,3 +354,30 @@ def test_end_to_end_from_nifti_phantoms(tmp_path_factory):
     b = next(it)
     it.close()
     assert (b["case_index"] == 0).all()
+
+
+def test_end_to_end_from_png_images(tmp_path):
+    """A 2D dataset (PNG images and masks): sequences are images of the same task, the class on each."""
+    from PIL import Image
+
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = (rng.random((80, 100, 3)) * 255).astype(np.uint8)
+        m = np.zeros((80, 100), np.uint8)
+        m[20 + 5 * i:50, 30:60 + 5 * i] = 1
+        Image.fromarray(img).save(tmp_path / "imagesTr" / f"c{i}.png")
+        Image.fromarray(m).save(tmp_path / "labelsTr" / f"c{i}.png")
+    src = pl.dataset_source(tmp_path, 64, modality="endoscopy")
+    assert all(i.dim == 2 for i in src.infos)
+    cfg = pl.PipelineConfig(image_size=64, batch_size=2, shard_index=0, shard_count=1, augment_enabled=False,
+                            sampling=sp.SamplingConfig(num_frames=T), prompts=PromptConfig(num_points=4))
+    it = pl.make_iterator(src, cfg)
+    b = next(it)
+    it.close()
+    for i in range(2):
+        for t in range(T):
+            case = src[int(b["case_index"][i, t])]
+            np.testing.assert_array_equal(b["images"][i, t], case.image[0])
+            np.testing.assert_array_equal(b["masks"][i, t], case.targets[0].mask[0])
