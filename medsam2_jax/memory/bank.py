@@ -26,9 +26,20 @@ batch of volumes or objects is one ``vmap``, and nothing recompiles as the bank 
   computed on), ``confidence [K]``, ``frame_idx [K]``, ``valid [K]``, ``stamp [K]`` (insertion order) and
   ``clock`` (insertions so far).
 * :func:`init`, :func:`update` / :func:`update_with_info` (eqs. 2–3 and SAM 2's FIFO),
-  :func:`resample` / :func:`sampling_probabilities` (eqs. 4–5), :func:`gather`,
+  :func:`resample` / :func:`draw_slots` / :func:`sampling_probabilities` (eqs. 4–5), :func:`gather`,
   :func:`temporal_index` (the temporal position rule), :func:`read` (everything the tracker needs before
   memory attention, in one call), :func:`make_descriptor`, :func:`total_dissimilarity`.
+
+Use (one object; ``vmap`` for several, ``lax.scan`` over frames)::
+
+    bank = init(cfg.K, {"maskmem": f32[N, 64], "maskmem_pos": f32[N, 64], "obj_ptr": f32[256]}, D)
+    # frame t: read before memory attention ...
+    desc = make_descriptor(image_embed_t)                       # [D], from the raw (unconditioned) map
+    r = read(bank, desc, t, key_t, cfg)                         # r.view.payload: K entries, r.view.valid
+    #   memory attention over r.view.payload["maskmem"] (masked by r.view.valid), position encoding
+    #   r.view.payload["maskmem_pos"] + maskmem_tpos_enc[r.tpos_row]; prompted frames are attended apart.
+    # ... then offer the frame (not a prompted one) with its predicted IoU:
+    bank = update(bank, payload_t, desc, iou_t, t, cfg)
 
 Configuration, defaults and why (:class:`BankConfig`)
 -----------------------------------------------------
@@ -51,10 +62,10 @@ field                  default         why
                                        (``memory_bank_iou_threshold = 0.5``) for the same purpose (keeping
                                        doubtful frames out of a SAM 2 memory). Prompted frames are always
                                        attended outside the bank, so a strict gate cannot starve the tracker.
-``num_slots`` (K)      6               ``num_maskmem - 1``: pretrained SAM 2 memory attention was trained on
+``K``                  6               ``num_maskmem - 1``: pretrained SAM 2 memory attention was trained on
                                        at most 6 non-conditioning memories plus the prompted ones, and with
                                        ``policy="fifo"`` K = 6 *is* SAM 2. The paper does not state K; the
-                                       official 2D code uses 16 (use ``num_slots=16`` for that comparison).
+                                       official 2D code uses 16 (use ``K=16`` for that comparison).
 ``weighting``          "linear"        Eq. 4 literally: ``p_i ∝ max(cos, linear_eps)``. ``"softmax"``
                                        (``softmax(cos / temperature)``) is the official code's choice.
 ``linear_eps``         1e-6            Cosine can be ≤ 0, and then eq. 4 is not a distribution. Clamping at a
@@ -65,15 +76,14 @@ field                  default         why
                                        weights are then nearly uniform: ratios ≤ e² ≈ 7.4); lower sharpens.
 ``tpos_rule``          "distance"      Which row of SAM 2's ``maskmem_tpos_enc`` an entry gets (see below).
 ``num_maskmem``        7               SAM 2's temporal table size (rows for distances 1..6 + prompted).
-``descriptor_pool``    4               :func:`make_descriptor` averages the image embedding over a 4 x 4
-                                       grid (D = 16 * 256 = 4096): keeps the coarse layout, costs nothing.
 =====================  ==============  ========================================================================
 
 Decisions where the paper is silent (ours)
 ------------------------------------------
 * **What E_i is for similarity.** Cosine must compare like with like: each entry carries a *descriptor*
   of its frame in the same space as the query ``F_t`` — the frame's own image embedding (the backbone's
-  lowest-resolution map, *before* memory conditioning), pooled by :func:`make_descriptor`. The same
+  lowest-resolution map, *before* memory conditioning), pooled by :func:`make_descriptor` (mean over a
+  4 x 4 grid by default: D = 16 * 256 = 4096, keeps the coarse layout, costs nothing). The same
   descriptor serves eq. 2 and eq. 4. What memory attention reads stays SAM 2's (the payload).
 * **Empty and partly filled bank.** Slots carry a validity mask. While the bank is not full, an accepted
   entry fills the lowest free slot (TopK over ≤ K valid candidates keeps them all). Once full, the
@@ -158,13 +168,12 @@ class BankConfig:
     use_dissimilarity: bool = True
     use_resampling: bool = True
     c_thresh: float = 0.5
-    num_slots: int = 6
+    K: int = 6  # number of slots (the paper's K)
     weighting: str = "linear"
     linear_eps: float = 1e-6
     temperature: float = 1.0
     tpos_rule: str = "distance"
     num_maskmem: int = 7
-    descriptor_pool: int = 4
 
     def __post_init__(self):
         def bad(field, value, expected):
@@ -179,7 +188,7 @@ class BankConfig:
         for name in ("use_threshold", "use_dissimilarity", "use_resampling"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, getattr(self, name), "a bool")
-        for name, low in (("num_slots", 1), ("num_maskmem", 2), ("descriptor_pool", 1)):
+        for name, low in (("K", 1), ("num_maskmem", 2)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 bad(name, value, f"an int >= {low}")
@@ -191,9 +200,13 @@ class BankConfig:
                 bad(name, value, "a finite float > 0")
 
     @classmethod
-    def sam2_fifo(cls, num_slots: int = 6, **kw) -> "BankConfig":
-        """SAM 2's own memory: the most recent ``num_slots`` frames (K = 6 reproduces SAM 2)."""
-        return cls(policy="fifo", num_slots=num_slots, **kw)
+    def sam2_fifo(cls, K: int = 6, **kw) -> "BankConfig":  # noqa: N803 - the paper's K
+        """SAM 2's own memory: the most recent ``K`` frames (K = 6 reproduces SAM 2)."""
+        return cls(policy="fifo", K=K, **kw)
+
+    @property
+    def num_slots(self) -> int:
+        return self.K
 
     @property
     def threshold_on(self) -> bool:
@@ -259,17 +272,18 @@ def _leaf_spec(x) -> tuple[tuple[int, ...], Any]:
     return a.shape, a.dtype
 
 
-def init(cfg: BankConfig, payload_example: Any, descriptor_dim: int) -> Bank:
-    """An empty bank of ``cfg.num_slots`` slots.
+def init(K: int | BankConfig, payload_example: Any, descriptor_dim: int) -> Bank:  # noqa: N803
+    """An empty bank of ``K`` slots (an int, or a :class:`BankConfig` whose ``K`` is used).
 
     ``payload_example`` is one entry's payload (a pytree of arrays or ``jax.ShapeDtypeStruct``; no K axis):
     each leaf becomes a zero buffer of shape ``(K, *leaf.shape)`` and the leaf's dtype.
     """
-    if not isinstance(cfg, BankConfig):
-        raise TypeError(f"init: cfg must be a BankConfig, got {type(cfg).__name__}")
-    if not isinstance(descriptor_dim, (int, np.integer)) or descriptor_dim < 1:
+    k = K.K if isinstance(K, BankConfig) else K
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"init: K must be an int >= 1 or a BankConfig, got {K!r}")
+    if not isinstance(descriptor_dim, (int, np.integer)) or isinstance(descriptor_dim, bool) or descriptor_dim < 1:
         raise ValueError(f"init: descriptor_dim must be an int >= 1, got {descriptor_dim!r}")
-    k = cfg.num_slots
+    k = int(k)
 
     def zeros(x):
         shape, dtype = _leaf_spec(x)
@@ -327,17 +341,19 @@ def total_dissimilarity(descriptors: Array, valid: Array) -> Array:
     return jnp.where(valid, d, -jnp.inf)
 
 
-def make_descriptor(features: Array, cfg: BankConfig) -> Array:
+def make_descriptor(features: Array, grid: int = 4) -> Array:
     """A frame's descriptor from its image embedding ``[..., H, W, C]`` (NHWC, before memory conditioning):
-    the mean over a ``descriptor_pool x descriptor_pool`` grid of cells, flattened to ``[..., g*g*C]``.
-    ``descriptor_pool = H = W`` keeps the whole map (the official code's full-map cosine)."""
-    g = cfg.descriptor_pool
+    the mean over a ``grid x grid`` grid of cells, flattened to ``[..., grid*grid*C]``.
+    ``grid = H = W`` keeps the whole map (the official code's full-map cosine, in a consistent order)."""
+    g = grid
+    if not isinstance(g, (int, np.integer)) or g < 1:
+        raise ValueError(f"make_descriptor: grid must be an int >= 1, got {grid!r}")
     if features.ndim < 3:
         raise ValueError(f"make_descriptor: features must be [..., H, W, C], got shape {features.shape}")
     h, w, c = features.shape[-3:]
     if h % g or w % g:
         raise ValueError(
-            f"make_descriptor: feature map {h}x{w} is not divisible by cfg.descriptor_pool={g}; "
+            f"make_descriptor: feature map {h}x{w} is not divisible by grid={g}; "
             f"expected H and W to be multiples of {g}"
         )
     lead = features.shape[:-3]
@@ -355,13 +371,13 @@ def _check_bank(bank: Bank, cfg: BankConfig, where: str) -> None:
         raise TypeError(f"{where}: cfg must be a BankConfig, got {type(cfg).__name__}")
     if bank.valid.ndim != 1:
         raise ValueError(
-            f"{where}: bank.valid has shape {bank.valid.shape}, expected ({cfg.num_slots},); "
+            f"{where}: bank.valid has shape {bank.valid.shape}, expected ({cfg.K},); "
             "use jax.vmap for a batch of banks"
         )
-    if bank.valid.shape[0] != cfg.num_slots:
+    if bank.valid.shape[0] != cfg.K:
         raise ValueError(
-            f"{where}: bank has {bank.valid.shape[0]} slots but cfg.num_slots={cfg.num_slots}; "
-            "build the bank with init(cfg, ...) from the same config"
+            f"{where}: bank has {bank.valid.shape[0]} slots but cfg.K={cfg.K}; "
+            "build the bank with init(cfg.K, ...) from the same config"
         )
 
 
@@ -371,7 +387,7 @@ def update_with_info(
     """Offer one frame's entry to the bank (see :func:`update`); also returns what happened."""
     where = "bank.update"
     _check_bank(bank, cfg, where)
-    k = cfg.num_slots
+    k = cfg.K
     bank_leaves, bank_tree = jax.tree_util.tree_flatten_with_path(bank.payload)
     entry_leaves, entry_tree = jax.tree.flatten(payload_entry)
     if bank_tree != entry_tree:
@@ -517,26 +533,36 @@ def gather(bank: Bank, slots: Array) -> Bank:
     )
 
 
-def resample(bank: Bank, query_descriptor: Array, key: Array, cfg: BankConfig) -> tuple[Bank, Array]:
-    """Eq. 5: K entries drawn with replacement with eq. 4's probabilities; returns ``(view, slots)``.
-
-    ``view`` is a :class:`Bank` of K drawn entries (``view.valid`` = drawn from a valid slot; an empty bank
-    gives an all-invalid view), ``slots [K]`` the source slot of each draw (−1 if none). Invalid slots are
-    never drawn. Without resampling (``use_resampling=False`` or ``fifo``) the view is the bank itself and
-    ``slots = arange(K)`` on valid slots. Selection is discrete and gradient-free; the gathered payload
-    carries the gradients of the entries it came from.
-    """
+def draw_slots(bank: Bank, query_descriptor: Array, key: Array, cfg: BankConfig) -> Array:
+    """Eq. 5's indices: ``slots [K]`` drawn with replacement with eq. 4's probabilities (−1 = nothing
+    drawn, only for an empty bank). Invalid slots are never drawn. Without resampling (``use_resampling=False``
+    or ``fifo``): ``arange(K)`` on valid slots, −1 elsewhere. No gradient (the choice is discrete)."""
     _check_bank(bank, cfg, "bank.resample")
     _check_query(bank, query_descriptor, "bank.resample")
-    k = cfg.num_slots
+    k = cfg.K
     if not cfg.resampling_on:
-        return bank, jnp.where(bank.valid, jnp.arange(k, dtype=jnp.int32), -1)
+        return jnp.where(bank.valid, jnp.arange(k, dtype=jnp.int32), -1)
     logits = sampling_logits(bank, query_descriptor, cfg)
     idx = jax.random.categorical(key, logits, shape=(k,)).astype(jnp.int32)
     # All-invalid guard: categorical returns 0 when every logit is -inf; slot 0 is then empty.
     drawn = bank.valid[idx] & jnp.any(bank.valid)
-    slots = jnp.where(drawn, idx, -1)
-    return gather(bank, slots), slots
+    return jnp.where(drawn, idx, -1)
+
+
+def resample(bank: Bank, query_descriptor: Array, key: Array, cfg: BankConfig) -> tuple[Bank, Array]:
+    """Eq. 5: the bank resampled for the query; returns ``(view, drawn_valid)``.
+
+    ``view`` is a :class:`Bank` of the K entries at :func:`draw_slots` (not-drawn entries hold zeros,
+    frame −1), ``drawn_valid [K]`` (= ``view.valid``) says which are real: all False for an empty bank.
+    Without resampling the view is the bank itself. The gathered payload carries the gradients of the
+    entries it came from.
+    """
+    if not cfg.resampling_on:
+        _check_bank(bank, cfg, "bank.resample")
+        _check_query(bank, query_descriptor, "bank.resample")
+        return bank, bank.valid
+    view = gather(bank, draw_slots(bank, query_descriptor, key, cfg))
+    return view, view.valid
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -567,9 +593,10 @@ def temporal_index(bank_or_view: Bank, current_frame: Array, cfg: BankConfig) ->
 def read(bank: Bank, query_descriptor: Array, current_frame: Array, key: Array, cfg: BankConfig) -> Read:
     """What memory attention reads at ``current_frame``: the (resampled) view, its validity, and the
     temporal encoding rows. Under ``fifo`` entries more than ``K`` frames away are masked (eq. 1)."""
-    view, slots = resample(bank, query_descriptor, key, cfg)
+    slots = draw_slots(bank, query_descriptor, key, cfg)
+    view = gather(bank, slots) if cfg.resampling_on else bank
     if cfg.policy == "fifo":
-        near = jnp.abs(jnp.asarray(current_frame, jnp.int32) - view.frame_idx) <= cfg.num_slots
+        near = jnp.abs(jnp.asarray(current_frame, jnp.int32) - view.frame_idx) <= cfg.K
         view = view.replace(valid=view.valid & near)
         slots = jnp.where(view.valid, slots, -1)
     t_rel = temporal_index(view, current_frame, cfg)
