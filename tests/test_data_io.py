@@ -8,6 +8,7 @@ import gzip
 import importlib.util
 import json
 import logging
+import pickle
 import re
 
 import nibabel as nib
@@ -256,6 +257,9 @@ def test_skip_report_lets_bugs_through_and_checks_its_mode():
     assert len(report) == 0
     with pytest.raises(ValueError, match="on_error='ignore'.*raise.*skip"):
         SkipReport("ignore")
+    # DataErrors cross process boundaries (grain workers) intact.
+    err = pickle.loads(pickle.dumps(EmptyLabelsError("lab.nii.gz", "the label map is empty", "a label")))
+    assert type(err) is EmptyLabelsError and str(err) == "lab.nii.gz: the label map is empty; expected a label"
 
 
 def test_dataset_with_bad_cases_in_skip_mode(tmp_path):

@@ -203,12 +203,16 @@ def _read_nifti(path: PathLike) -> nib.Nifti1Image:
     return img
 
 
+def _unreadable(source: Any, e: Exception) -> DataError:
+    return DataError(source, f"cannot read voxel data ({type(e).__name__}: {e}); the file is truncated or corrupt",
+                     "a complete NIfTI file")
+
+
 def _read_array(img: nib.spatialimages.SpatialImage, source: Any) -> np.ndarray:
     try:
         return np.asanyarray(img.dataobj)
-    except Exception as e:  # truncated / corrupt data block
-        raise DataError(source, f"cannot read voxel data ({type(e).__name__}: {e}); the file is truncated or "
-                        "corrupt", "a complete NIfTI file") from e
+    except Exception as e:  # truncated / corrupt data block (EOFError, zlib.error, OSError, ValueError)
+        raise _unreadable(source, e) from e
 
 
 def _squeeze_to_3d(shape: tuple[int, ...], source: Any, allow_2d: bool) -> tuple[int, ...]:
@@ -242,8 +246,7 @@ def volume_from_nifti(img: nib.spatialimages.SpatialImage, source: Any = None, *
     try:  # reorienting reads the voxel data
         canonical = nib.as_closest_canonical(img)
     except Exception as e:
-        raise DataError(source, f"cannot read voxel data ({type(e).__name__}: {e}); the file is truncated or "
-                        "corrupt", "a complete NIfTI file") from e
+        raise _unreadable(source, e) from e
     data = _read_array(canonical, source)
     if data.dtype.kind not in "biuf":
         raise DataError(source, f"voxel type {data.dtype} is not numeric", "integer or float voxels")

@@ -121,12 +121,12 @@ def make_phantom(
     y = y + amp[1] * _smooth_field(rng, shape, coarse)
     z = z + amp[2] * _smooth_field(rng, shape, coarse)
 
-    # Body: elliptical cross-section, half-axes ~80-90 % of the field of view, varying along z.
+    # Body: elliptical cross-section, half-axes ~60-80 % of the field of view, varying along z.
     zn = z / ext[2]
-    bx = ext[0] * rng.uniform(0.78, 0.9) * (1 + 0.06 * np.sin(np.pi * zn + rng.uniform(0, 2 * np.pi)))
-    by = ext[1] * rng.uniform(0.62, 0.75) * (1 + 0.06 * np.cos(np.pi * zn + rng.uniform(0, 2 * np.pi)))
+    bx = ext[0] * rng.uniform(0.72, 0.82) * (1 + 0.06 * np.sin(np.pi * zn + rng.uniform(0, 2 * np.pi)))
+    by = ext[1] * rng.uniform(0.58, 0.70) * (1 + 0.06 * np.cos(np.pi * zn + rng.uniform(0, 2 * np.pi)))
     body = (x / bx) ** 2 + (y / by) ** 2 <= 1.0
-    body_half = np.array([ext[0] * 0.84, ext[1] * 0.68, ext[2]], dtype=np.float32)
+    body_half = np.array([ext[0] * 0.77, ext[1] * 0.64, ext[2]], dtype=np.float32)
 
     labels = np.zeros(shape, dtype=np.uint8)
     values = np.where(body, _BODY_VALUES[0 if ct else 1], _AIR_HU if ct else 0.0).astype(np.float32)
@@ -174,7 +174,7 @@ def make_phantom(
         ph = rng.uniform(0, 2 * np.pi, size=4).tolist()
         cx = body_half[0] * (rng.uniform(-0.2, 0.2) + 0.25 * np.sin(1.3 * np.pi * t + ph[0]))
         cy = body_half[1] * (rng.uniform(-0.2, 0.2) + 0.25 * np.cos(1.1 * np.pi * t + ph[1]))
-        base = rng.uniform(0.07, 0.09) * body_half[0]
+        base = rng.uniform(0.10, 0.13) * body_half[0]
         ra = base * (1 + 0.45 * np.sin(np.pi * t + ph[2]))
         rb = base * (1 + 0.3 * np.cos(np.pi * t + ph[3])) * 0.8
         ang = 0.6 * np.pi * t
