@@ -420,7 +420,8 @@ def test_read_dataset_2d_png(tmp_path):
     Image.fromarray(mask).save(root / "labelsTr" / "isic_1.png")
     Image.fromarray(mask[:5]).save(root / "labelsTr" / "isic_2.png")
     Image.fromarray(rgb).save(root / "imagesTr" / "isic_2.png")
-    (root / "dataset.json").write_text(json.dumps({"name": "ISIC", "modality": "dermoscopy", "labels": {"1": "lesion"}}))
+    meta = {"name": "ISIC", "modality": "dermoscopy", "labels": {"1": "lesion"}}
+    (root / "dataset.json").write_text(json.dumps(meta))
     cases = read_dataset(root)
     assert [(c.case_id, c.dim, c.modality) for c in cases] == [("isic_1", 2, "dermoscopy"), ("isic_2", 2, "dermoscopy")]
     image, m = load_case(cases[0])

@@ -165,6 +165,10 @@ def test_modalities_without_clipping_and_ct_needs_stats():
     np.testing.assert_allclose(ct.image[0, 0, 0, 0], (100.0 - 50.0) / 10.0, **F32)
     with pytest.raises(ValueError, match="differs from the window"):
         preprocess_image_2d(img, None, "CT", size=8, ct_stats=st, window="lung")
+    lung = CTStats(-1000.0, 100.0, -450.0, 110.0, WINDOWS["lung"])
+    ct = preprocess_image_2d(img, None, "CT", size=8, ct_stats=lung, window="stats")  # the stats' own window
+    assert ct.norm.window == (-600.0, 1500.0)
+    np.testing.assert_allclose(ct.image[0, 0, 1, 0], (2.0 + 450.0) / 110.0, **F32)
     with pytest.raises(DataError, match="unknown modality 'sonar'.*CT, MRI"):
         preprocess_image_2d(img, None, "sonar", size=8)
     with pytest.raises(DataError, match="all zero"):
@@ -388,7 +392,8 @@ def test_round_trip_on_real_ct_crop(tmp_path):
     raw = nib.load(str(realct.realct_paths()[1]))
     nx = raw.shape[0]
     (x0, x1), (y0, y1), (z0, z1) = box
-    np.testing.assert_array_equal(np.asanyarray(out.dataobj), np.asanyarray(raw.dataobj[nx - x1 : nx - x0, y0:y1, z0:z1]))
+    file_crop = np.asanyarray(raw.dataobj[nx - x1 : nx - x0, y0:y1, z0:z1])
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), file_crop)
     np.testing.assert_allclose(out.affine[:3, :3], raw.affine[:3, :3], atol=1e-6)
     np.testing.assert_allclose(out.affine[:3, 3], (raw.affine @ [nx - x1, y0, z0, 1])[:3], atol=1e-4)
 

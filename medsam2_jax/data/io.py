@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -73,8 +72,6 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 
 from medsam2_jax.data.errors import DataError, EmptyLabelsError, SkipReport
-
-log = logging.getLogger("medsam2_jax.data")
 
 PathLike = str | os.PathLike
 

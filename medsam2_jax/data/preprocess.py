@@ -373,10 +373,14 @@ class GridTransform:
         return apply_orientation(np.asarray(canonical), back)
 
 
-def _make_grid(volume_like: Volume | None, shape: tuple[int, ...], spacing, dim: int, slice_axis: int | None):
-    if dim == 2:
-        return dict(dim=2, input_shape=tuple(shape[:2]), slice_axis=None, row_axis=None, col_axis=None,
-                    flips=(False, False), stack_shape=(1,) + tuple(shape[:2]))
+def _view_2d(shape: tuple[int, ...]) -> dict[str, Any]:
+    """GridTransform fields (all but crop and size) for a 2D image."""
+    return dict(dim=2, input_shape=tuple(shape[:2]), slice_axis=None, row_axis=None, col_axis=None,
+                flips=(False, False), stack_shape=(1,) + tuple(shape[:2]))
+
+
+def _view_3d(shape: tuple[int, ...], spacing, slice_axis: int | None) -> dict[str, Any]:
+    """GridTransform fields (all but crop and size) for a canonical volume."""
     ax = choose_slice_axis(spacing) if slice_axis is None else int(slice_axis)
     if ax not in _VIEWS:
         raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis!r}")
@@ -510,20 +514,22 @@ class Preprocessed:
     source: str | None = None
 
 
-def _normalize(image: np.ndarray, modality: str, use_mask: bool, full_nonzero: np.ndarray,
-               labels: np.ndarray | None, window, ct_stats: CTStats | None, color: bool, source: Any):
+def _normalize(image: np.ndarray, modality: str, use_mask: bool, nonzero: np.ndarray,
+               labels: np.ndarray | None, window, ct_stats: CTStats | None, source: Any):
     if modality == "CT":
+        if window == "stats":
+            window = ct_stats.window if ct_stats is not None else DEFAULT_WINDOW
         if ct_stats is None:
             if labels is None or not np.any(labels > 0):
                 raise DataError(source, "CT normalisation needs global foreground statistics, and this case has "
                                 "no labelled voxel", "ct_stats=compute_ct_stats(training cases) or labels")
             ct_stats = compute_ct_stats([(image, labels)], window)
-        elif window != "stats" and resolve_window(window) != ct_stats.window:
+        elif resolve_window(window) != ct_stats.window:
             raise ValueError(f"window {resolve_window(window)} differs from the window {ct_stats.window} the "
                              "ct_stats were computed with")
         out = normalize_ct(image, ct_stats)
         return out, NormInfo(ct_stats.low, ct_stats.high, ct_stats.mean, ct_stats.std, False, ct_stats.window)
-    return normalize_per_image(image, full_nonzero if use_mask else None, clip=modality in CLIP_MODALITIES,
+    return normalize_per_image(image, nonzero if use_mask else None, clip=modality in CLIP_MODALITIES,
                                source=source)
 
 
@@ -543,7 +549,7 @@ def _preprocess_stack(stack, lab_stack, gridkw, modality, size, *, window, ct_st
     img_c = stack[sl]
     lab_c = None if lab_stack is None else lab_stack[sl]
     use_mask = crop_removes_enough(stack.shape[:3], crop)
-    norm_img, info = _normalize(img_c, modality, use_mask, nz[sl], lab_c, window, ct_stats, color, source)
+    norm_img, info = _normalize(img_c, modality, use_mask, nz[sl], lab_c, window, ct_stats, source)
     resized = resize_stack(norm_img, (size, size), "bicubic").astype(np.float32)
     if not color:
         resized = np.repeat(resized[..., None], 3, axis=-1)
@@ -584,12 +590,10 @@ def preprocess_case(
         if labels.shape != data.shape:
             raise DataError(source, f"labels of shape {labels.shape} for an image of shape {data.shape}",
                             "labels on the image's canonical grid")
-    if mod == "CT" and window == "stats":
-        window = ct_stats.window if ct_stats is not None else DEFAULT_WINDOW
-    gridkw = _make_grid(volume, data.shape, volume.spacing, 3, slice_axis)
-    tmp = GridTransform(crop=((0, 0),) * 3, size=size, **gridkw)
-    stack = tmp.to_stack(data)
-    lab_stack = None if labels is None else tmp.to_stack(labels)
+    gridkw = _view_3d(data.shape, volume.spacing, slice_axis)
+    uncropped = GridTransform(crop=((0, 0),) * 3, size=size, **gridkw)  # only its to_stack is used
+    stack = uncropped.to_stack(data)
+    lab_stack = None if labels is None else uncropped.to_stack(labels)
     extra = dict(affine=np.asarray(volume.affine), original_affine=np.asarray(volume.original_affine),
                  original_shape=tuple(volume.original_shape), orientation=tuple(volume.orientation))
     return _preprocess_stack(stack, lab_stack, gridkw, mod, size, window=window, ct_stats=ct_stats,
@@ -631,9 +635,7 @@ def preprocess_image_2d(
         if mask.shape != img.shape[:2]:
             raise DataError(source, f"mask of shape {mask.shape} for an image of shape {img.shape[:2]}",
                             "a mask with the image's height and width")
-    if mod == "CT" and window == "stats":
-        window = ct_stats.window if ct_stats is not None else DEFAULT_WINDOW
-    gridkw = _make_grid(None, img.shape, None, 2, None)
+    gridkw = _view_2d(img.shape)
     return _preprocess_stack(img[None].astype(np.float32), None if mask is None else mask[None], gridkw, mod, size,
                              window=window, ct_stats=ct_stats, label_names=label_names,
                              min_target_fraction=min_target_fraction, connectivity=connectivity, color=color,
