@@ -1,0 +1,524 @@
+"""Tracking an object through a sequence of frames (video, slices of a volume, an unordered image set).
+
+Design (see the README's design section):
+
+1. **Batched encoding.** The image encoder never reads memory, so every frame of a sequence is encoded in a
+   few batched calls (:func:`encode_frames`) before tracking starts.
+2. **Prompted frames first.** Every prompted ("conditioning") frame is segmented from its own prompt with no
+   memory, as SAM 2's video predictor does for frames that receive clicks, a box or a mask before
+   propagation, and encoded into a conditioning memory. Up to ``max_cond_frames`` such frames per object
+   (a static count; unused slots are masked).
+3. **One ``lax.scan`` over a static-length schedule.** Each step reads the memory (conditioning slots, the
+   bank of non-conditioning memories, object pointers), runs memory attention, the SAM heads and the memory
+   encoder, and updates the bank. Everything is a fixed-size array with validity masks, so shapes never
+   change as memory fills and nothing recompiles; memory held is bounded by the bank size, not by the
+   sequence length. Directions are data: ``forward`` and ``backward`` use a schedule of T steps (steps past
+   the end are inactive), ``both`` runs forward from the first prompted frame and then, with a fresh bank,
+   backward from it, in T + 1 steps.
+4. **Objects are a batch.** Several objects share the frame features; every per-object quantity carries a
+   leading object axis, and the bank functions are ``vmap``-ped over it.
+
+The non-conditioning memory is a :class:`medsam2_jax.memory.bank.Bank`: with the ``fifo`` policy it holds
+SAM 2's "most recent ``num_maskmem - 1`` frames" and the result equals SAM 2's video predictor; with
+``self_sorting`` it is the paper's self-sorting memory bank (threshold, dissimilarity TopK, resampling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .memory import bank as bank_lib
+from .model.position import get_1d_sine_pe
+from .model.sam2 import SAM2, resize_bilinear
+
+Array = jax.Array
+Direction = Literal["forward", "backward", "both"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerConfig:
+    """Static settings of the tracker (hashable: a change recompiles, data never does)."""
+
+    max_cond_frames: int = 4  # prompted frames per object (static slots)
+    max_points: int = 8  # clicks per prompted frame, box corners included (static slots)
+    bank: bank_lib.BankConfig = dataclasses.field(default_factory=bank_lib.BankConfig)
+    # SAM 2's video predictor stores memory features in bfloat16; round them the same way (halves memory).
+    store_memory_bf16: bool = True
+    descriptor_grid: int = 4  # self-sorting bank: frame descriptor = image embedding averaged over g x g cells
+    encode_batch: int = 8  # frames per image-encoder call
+    remat: bool = False  # rematerialise each step in the backward pass (training long sequences)
+
+
+@flax.struct.dataclass
+class Prompts:
+    """Fixed-size prompts of B objects: ``Kc`` conditioning slots of ``P`` points each.
+
+    Build with :func:`make_prompts`, which validates on the host. Coordinates are (x, y) pixels of the
+    S x S frames; labels 1 positive, 0 negative, 2/3 box corners, -1 padding.
+    """
+
+    frame_idx: Array  # (B, Kc) int32
+    valid: Array  # (B, Kc) bool
+    point_coords: Array  # (B, Kc, P, 2) float32
+    point_labels: Array  # (B, Kc, P) int32
+    mask: Array  # (B, Kc, S, S) float32 (binary)
+    mask_valid: Array  # (B, Kc) bool
+
+    @property
+    def num_objects(self) -> int:
+        return self.frame_idx.shape[0]
+
+
+def make_prompts(
+    objects: Sequence[Sequence[dict[str, Any]]],
+    *,
+    num_frames: int,
+    image_size: int,
+    config: TrackerConfig = TrackerConfig(),
+) -> Prompts:
+    """Validate and pack prompts. ``objects[i]`` is a list of prompts of object i, each a dict with
+    ``frame`` and one of: ``points`` (n, 2) with ``labels`` (n,), ``box`` (4,) xyxy (optionally with
+    points), or ``mask`` (S, S) binary. Raises ``ValueError`` naming the object, frame and argument."""
+    if num_frames < 1:
+        raise ValueError("the sequence is empty: num_frames must be >= 1")
+    if not objects:
+        raise ValueError("no objects given: pass at least one object with at least one prompt")
+    kc, p, s = config.max_cond_frames, config.max_points, image_size
+    b = len(objects)
+    frame_idx = np.zeros((b, kc), np.int32)
+    valid = np.zeros((b, kc), bool)
+    coords = np.zeros((b, kc, p, 2), np.float32)
+    labels = -np.ones((b, kc, p), np.int32)
+    masks = np.zeros((b, kc, s, s), np.float32)
+    mask_valid = np.zeros((b, kc), bool)
+    for i, prompts in enumerate(objects):
+        if not prompts:
+            raise ValueError(f"object {i} was never prompted: give it at least one click, box or mask")
+        if len(prompts) > kc:
+            raise ValueError(
+                f"object {i} has {len(prompts)} prompted frames, more than max_cond_frames={kc}; "
+                "raise TrackerConfig.max_cond_frames"
+            )
+        seen = set()
+        for j, pr in enumerate(prompts):
+            f = pr.get("frame")
+            if not isinstance(f, (int, np.integer)) or not 0 <= int(f) < num_frames:
+                raise ValueError(f"object {i}, prompt {j}: frame={f!r} is outside the sequence [0, {num_frames - 1}]")
+            if int(f) in seen:
+                raise ValueError(f"object {i}: frame {f} is prompted twice; merge the prompts of one frame")
+            seen.add(int(f))
+            frame_idx[i, j], valid[i, j] = int(f), True
+            has_mask = pr.get("mask") is not None
+            pts = np.zeros((0, 2), np.float32)
+            lab = np.zeros((0,), np.int32)
+            if pr.get("box") is not None:
+                box = np.asarray(pr["box"], np.float32).reshape(-1)
+                if box.shape != (4,):
+                    raise ValueError(f"object {i}, frame {f}: box must be (x0, y0, x1, y1), got shape {box.shape}")
+                if not (box[0] <= box[2] and box[1] <= box[3]):
+                    raise ValueError(f"object {i}, frame {f}: box {box.tolist()} must satisfy x0 <= x1 and y0 <= y1")
+                pts = np.concatenate([pts, box.reshape(2, 2)])
+                lab = np.concatenate([lab, np.array([2, 3], np.int32)])
+            if pr.get("points") is not None:
+                pp = np.asarray(pr["points"], np.float32).reshape(-1, 2)
+                ll = np.asarray(pr.get("labels"), np.int32).reshape(-1) if pr.get("labels") is not None else None
+                if ll is None or ll.shape[0] != pp.shape[0]:
+                    raise ValueError(f"object {i}, frame {f}: points need labels of the same length")
+                if not np.isin(ll, (0, 1)).all():
+                    raise ValueError(f"object {i}, frame {f}: click labels must be 1 (positive) or 0 (negative)")
+                pts = np.concatenate([pts, pp])
+                lab = np.concatenate([lab, ll])
+            if has_mask and len(lab):
+                raise ValueError(f"object {i}, frame {f}: give either a mask or clicks/box on one frame, not both")
+            if not has_mask and not len(lab):
+                raise ValueError(f"object {i}, frame {f}: the prompt has no points, box or mask")
+            if len(lab) > p:
+                raise ValueError(
+                    f"object {i}, frame {f}: {len(lab)} points (box corners count as 2) exceed max_points={p}"
+                )
+            if len(lab):
+                if not np.all(np.isfinite(pts)):
+                    raise ValueError(f"object {i}, frame {f}: prompt coordinates contain NaN or inf")
+                if pts.min() < 0 or pts.max() > s:
+                    raise ValueError(
+                        f"object {i}, frame {f}: prompt coordinates {pts.tolist()} fall outside the {s}x{s} image"
+                    )
+                coords[i, j, : len(lab)] = pts
+                labels[i, j, : len(lab)] = lab
+            if has_mask:
+                m = np.asarray(pr["mask"])
+                if m.shape != (s, s):
+                    raise ValueError(f"object {i}, frame {f}: mask must be {s}x{s}, got shape {m.shape}")
+                masks[i, j] = (m > 0).astype(np.float32)
+                mask_valid[i, j] = True
+    return Prompts(
+        frame_idx=jnp.asarray(frame_idx),
+        valid=jnp.asarray(valid),
+        point_coords=jnp.asarray(coords),
+        point_labels=jnp.asarray(labels),
+        mask=jnp.asarray(masks),
+        mask_valid=jnp.asarray(mask_valid),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def _encode_chunk(model: SAM2, images: Array) -> dict[str, Any]:
+    out = model.encode_image(images)
+    return {"fpn": out["backbone_fpn"], "pos": [p[:1] for p in out["vision_pos_enc"]]}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_chunk_jit(graphdef, state, images):
+    return _encode_chunk(nnx.merge(graphdef, state), images)
+
+
+def encode_frames(model: SAM2, frames: Array, batch: int = 8, progress: bool = False) -> dict[str, Any]:
+    """Encode (T, S, S, 3) normalised frames in batches of ``batch`` (one compile per batch size).
+
+    Returns ``{"fpn": [3 levels with a leading T axis], "pos": [3 position encodings, leading axis 1]}``;
+    the position encodings do not depend on the frame, so one copy is kept.
+    """
+    model.check_images(frames)
+    t = frames.shape[0]
+    graphdef, state = nnx.split(model)
+    chunks = []
+    rng = range(0, t, batch)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rng = tqdm(rng, desc="encode frames", unit="batch")
+    for start in rng:
+        x = frames[start : start + batch]
+        n = x.shape[0]
+        if n < batch:
+            x = jnp.concatenate([x, jnp.zeros((batch - n,) + x.shape[1:], x.dtype)])
+        out = _encode_chunk_jit(graphdef, state, x)
+        chunks.append(jax.tree.map(lambda a: a[:n], out["fpn"]))
+        pos = out["pos"]
+    fpn = [jnp.concatenate([c[i] for c in chunks]) for i in range(3)]
+    return {"fpn": fpn, "pos": pos}
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def descriptor_grid(h: int, wanted: int) -> int:
+    """The largest grid <= ``wanted`` that divides the feature map size ``h`` (static)."""
+    return max(g for g in range(1, wanted + 1) if h % g == 0)
+
+
+def _round_memory(x: Array, cfg: TrackerConfig) -> Array:
+    return x.astype(jnp.bfloat16).astype(jnp.float32) if cfg.store_memory_bf16 else x
+
+
+def _gather_frames(fpn: list[Array], idx: Array) -> list[Array]:
+    return [jnp.take(level, idx, axis=0) for level in fpn]
+
+
+def _num_real_points(labels: Array) -> Array:
+    return jnp.sum(labels != -1, axis=-1)
+
+
+def conditioning_outputs(model: SAM2, feats: dict[str, Any], prompts: Prompts, cfg: TrackerConfig) -> dict[str, Array]:
+    """Segment every prompted frame from its own prompt (no memory) and encode its conditioning memory.
+
+    Returns per (object, slot): low-res mask logits, IoU, object score, object pointer, memory features.
+    """
+    b, kc = prompts.frame_idx.shape
+    flat = lambda a: a.reshape((b * kc,) + a.shape[2:])
+    idx = flat(prompts.frame_idx)
+    fpn = _gather_frames(feats["fpn"], idx)
+    top = fpn[-1]
+    with_no_mem = top + model.no_mem_embed[...].reshape(1, 1, 1, -1)
+    coords, labels = flat(prompts.point_coords), flat(prompts.point_labels)
+    heads = model.sam_heads(with_no_mem, fpn[:2], coords, labels, None)
+    # SAM 2 uses 3 masks for 0 or 1 click on an initial conditioning frame, else 1 (a box counts as 2).
+    by_points = model.select_outputs(heads, _num_real_points(labels) <= 1)
+    by_mask = model.mask_as_output(top, fpn[:2], flat(prompts.mask))
+    use_mask = flat(prompts.mask_valid)
+    pick = lambda a, m: jnp.where(use_mask.reshape((-1,) + (1,) * (a.ndim - 1)), m, a)
+    out = {k: pick(by_points[k], by_mask[k]) for k in ("low_res_masks", "iou", "object_score_logits", "obj_ptr")}
+    # The video predictor encodes prompted frames' memories from the binarised low-res mask (preflight).
+    mem = model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], True)
+    out["maskmem"] = _round_memory(mem, cfg)
+    return {k: v.reshape((b, kc) + v.shape[1:]) for k, v in out.items()}
+
+
+def _pointer_tpos(model: SAM2, pos: Array, t_diff_max: int) -> Array:
+    """Temporal encoding of object pointers at signed distances ``pos`` (..., n) -> (..., n, 64)."""
+    if not model.is_v21:  # SAM 2.0: no temporal encoding on pointers
+        return jnp.zeros(pos.shape + (model.mem_dim,), jnp.float32)
+    pe = get_1d_sine_pe(pos.astype(jnp.float32) / t_diff_max, dim=model.hidden_dim)
+    return model.obj_ptr_tpos_proj(pe)
+
+
+def memory_conditioned_features(
+    model: SAM2,
+    top: Array,
+    top_pos: Array,
+    frame: Array,
+    direction: Array,
+    cond: dict[str, Array],
+    cond_valid: Array,
+    cond_frame: Array,
+    spatial: Array,
+    spatial_tidx: Array,
+    spatial_valid: Array,
+    ptr: Array,
+    ptr_pos: Array,
+    ptr_valid: Array,
+    num_frames: int,
+) -> Array:
+    """SAM 2's ``_prepare_memory_conditioned_features`` over fixed-size slots (B objects).
+
+    ``spatial`` (B, K, N, 64) non-conditioning memories with their ``maskmem_tpos_enc`` row ``spatial_tidx``
+    (B, K) and validity; ``ptr`` (B, R, 256) non-conditioning object pointers at temporal distances
+    ``ptr_pos`` (B, R) with validity ``ptr_valid``.
+    """
+    b, h, w, c = top.shape
+    n = h * w
+    kc = cond_valid.shape[1]
+    mem_pos = model.memory_pos_enc().reshape(1, 1, n, model.mem_dim)
+    tpos = model.maskmem_tpos_enc[...].reshape(model.num_maskmem, model.mem_dim)
+    # Conditioning memories: temporal row num_maskmem - 1.
+    cond_feat = cond["maskmem"].reshape(b, kc, n, model.mem_dim)
+    cond_pos = jnp.broadcast_to(mem_pos + tpos[model.num_maskmem - 1], cond_feat.shape)
+    sp_feat = spatial.reshape(b, -1, n, model.mem_dim)
+    sp_pos = mem_pos + tpos[spatial_tidx][:, :, None, :]
+    feats = jnp.concatenate([cond_feat, sp_feat], axis=1)
+    pos = jnp.concatenate([cond_pos, sp_pos], axis=1)
+    fvalid = jnp.concatenate([cond_valid, spatial_valid], axis=1)
+    nf = feats.shape[1]
+    feats = feats.reshape(b, nf * n, model.mem_dim)
+    pos = pos.reshape(b, nf * n, model.mem_dim)
+    fmask = jnp.repeat(fvalid, n, axis=1)
+
+    # Object pointers: conditioning frames in the past (signed distance), then recent frames (distance).
+    t_diff_max = max(min(num_frames, model.max_obj_ptrs_in_encoder) - 1, 1)
+    d = direction[:, None]
+    cond_in_past = (cond_frame - frame[:, None]) * d <= 0
+    cond_ptr_valid = cond_valid & cond_in_past
+    cond_ptr_pos = (frame[:, None] - cond_frame) * d
+    ptrs = jnp.concatenate([cond["obj_ptr"], ptr], axis=1)  # (B, Kc+R, 256)
+    ppos = jnp.concatenate([cond_ptr_pos, ptr_pos], axis=1)
+    pvalid = jnp.concatenate([cond_ptr_valid, ptr_valid], axis=1)
+    ptpos = _pointer_tpos(model, ppos, t_diff_max)  # (B, Kc+R, 64)
+    split = model.hidden_dim // model.mem_dim
+    ptr_tokens = ptrs.reshape(b, -1, model.mem_dim)
+    ptr_pos = jnp.repeat(ptpos, split, axis=1)
+    ptr_mask = jnp.repeat(pvalid, split, axis=1)
+
+    memory = jnp.concatenate([feats, ptr_tokens], axis=1)
+    memory_pos = jnp.concatenate([pos, ptr_pos], axis=1)
+    memory_mask = jnp.concatenate([fmask, ptr_mask], axis=1)
+    curr = top.reshape(b, n, c)
+    curr_pos = jnp.broadcast_to(top_pos.reshape(1, n, c), curr.shape)
+    out = model.memory_attention(
+        curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=ptr_tokens.shape[1], memory_mask=memory_mask
+    )
+    return out.reshape(b, h, w, c)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def make_schedule(first_frame: Array, num_frames: int, direction: Direction) -> dict[str, Array]:
+    """Per-object processing order as data: frame index, direction sign, bank reset and activity per step."""
+    t = num_frames
+    first = first_frame[:, None]
+    if direction == "forward":
+        s = jnp.arange(t)[None]
+        frames = first + s
+        active = frames < t
+        dirs = jnp.ones_like(frames)
+        reset = jnp.zeros_like(active)
+    elif direction == "backward":
+        s = jnp.arange(t)[None]
+        frames = first - s
+        active = frames >= 0
+        dirs = -jnp.ones_like(frames)
+        reset = jnp.zeros_like(active)
+    elif direction == "both":
+        s = jnp.arange(t + 1)[None]
+        n_fwd = t - first  # steps first..T-1
+        fwd = s < n_fwd
+        frames = jnp.where(fwd, first + s, first - (s - n_fwd))
+        dirs = jnp.where(fwd, 1, -1)
+        active = jnp.ones_like(fwd)
+        reset = s == n_fwd
+    else:
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    frames = jnp.clip(frames, 0, t - 1).astype(jnp.int32)
+    return {"frame": frames.T, "dir": dirs.T.astype(jnp.int32), "active": active.T, "reset": reset.T}
+
+
+def propagate(
+    model: SAM2,
+    feats: dict[str, Any],
+    prompts: Prompts,
+    key: Array,
+    cfg: TrackerConfig,
+    direction: Direction = "forward",
+) -> dict[str, Array]:
+    """Track B objects through T encoded frames. Pure and jit-able; differentiable w.r.t. the model.
+
+    Returns per object and frame (B, T, ...): ``low_res_masks`` logits (S/4 x S/4), ``iou``,
+    ``object_score_logits``, and ``visited`` (whether the frame was reached in this direction).
+    """
+    top_all = feats["fpn"][-1]
+    t, h, w, c = top_all.shape
+    b, kc = prompts.frame_idx.shape
+    top_pos = feats["pos"][-1][0]
+    cond = conditioning_outputs(model, feats, prompts, cfg)
+    first = jnp.min(jnp.where(prompts.valid, prompts.frame_idx, t), axis=1)
+    sched = make_schedule(first, t, direction)
+
+    bcfg = cfg.bank
+    k = bcfg.K
+    r = model.max_obj_ptrs_in_encoder - 1
+    payload_example = {
+        "maskmem": jnp.zeros((h, w, model.mem_dim), jnp.float32),
+        "obj_ptr": jnp.zeros((model.hidden_dim,), jnp.float32),
+    }
+    grid = descriptor_grid(h, cfg.descriptor_grid)
+    desc_dim = grid * grid * c
+    bank0 = jax.vmap(lambda _: bank_lib.init(k, payload_example, desc_dim))(jnp.arange(b))
+    ring0 = {
+        "ptr": jnp.zeros((b, r, model.hidden_dim), jnp.float32),
+        "frame": jnp.zeros((b, r), jnp.int32),
+        "valid": jnp.zeros((b, r), bool),
+    }
+    s4 = model.image_size // 4
+
+    def step(carry, xs):
+        bank, ring = carry
+        frame, dirn, active, reset, step_key = xs
+        bank = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), bank, bank0)
+        ring = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), ring, ring0)
+        fpn = _gather_frames(feats["fpn"], frame)
+        top = fpn[-1]
+        desc = bank_lib.make_descriptor(top, grid)
+
+        keys = jax.random.split(step_key, b)
+        t_diff_max = max(min(t, model.max_obj_ptrs_in_encoder) - 1, 1)
+        if bcfg.policy == "fifo":
+            # SAM 2: the non-conditioning frames 1..num_maskmem-1 steps back, the pointers of the frames up to
+            # t_diff_max steps back (both skip prompted frames, which are in the conditioning slots).
+            view = bank
+            dist = (frame[:, None] - bank.frame_idx) * dirn[:, None]
+            view_valid = bank.valid & (dist >= 1) & (dist <= model.num_maskmem - 1)
+            tidx = jnp.clip(dist - 1, 0, model.num_maskmem - 2)
+            ptr_pos = (frame[:, None] - ring["frame"]) * dirn[:, None]
+            ptr, ptr_valid = ring["ptr"], ring["valid"] & (ptr_pos >= 1) & (ptr_pos <= t_diff_max)
+        else:
+            # The paper: memory attention reads the resampled bank; its entries' pointers come with them.
+            view, view_valid = jax.vmap(lambda bk, q, kk: bank_lib.resample(bk, q, kk, bcfg))(bank, desc, keys)
+            t_rel = jax.vmap(lambda v, f: bank_lib.temporal_index(v, f, bcfg))(view, frame)
+            tidx = t_rel - 1  # row of maskmem_tpos_enc
+            ptr, ptr_pos, ptr_valid = view.payload["obj_ptr"], t_rel, view_valid
+        pix = memory_conditioned_features(
+            model, top, top_pos, frame, dirn, cond, prompts.valid, prompts.frame_idx,
+            view.payload["maskmem"], tidx, view_valid, ptr, ptr_pos, ptr_valid, t,
+        )
+        pad_c = jnp.zeros((b, 1, 2), jnp.float32)
+        pad_l = -jnp.ones((b, 1), jnp.int32)
+        heads = model.sam_heads(pix, fpn[:2], pad_c, pad_l, None)
+        out = model.select_outputs(heads, True)
+        mem = _round_memory(model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], False), cfg)
+
+        # Prompted frames output their conditioning result and do not enter the bank (as in SAM 2).
+        match = prompts.valid & (prompts.frame_idx == frame[:, None])
+        is_cond = jnp.any(match, axis=1)
+        slot = jnp.argmax(match, axis=1)
+        cpick = lambda a: jnp.take_along_axis(a, slot.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
+        low = jnp.where(is_cond[:, None, None], cpick(cond["low_res_masks"]), out["low_res_masks"])
+        iou = jnp.where(is_cond, cpick(cond["iou"]), out["iou"])
+        obj = jnp.where(is_cond[:, None], cpick(cond["object_score_logits"]), out["object_score_logits"])[:, 0]
+
+        enters = active & ~is_cond
+        conf = out["iou"]
+        new_bank = jax.vmap(lambda bk, p, d, cf, f: bank_lib.update(bk, p, d, cf, f, bcfg))(
+            bank, {"maskmem": mem, "obj_ptr": out["obj_ptr"]}, desc, conf, frame
+        )
+        bank = jax.tree.map(lambda new, old: jnp.where(_bcast(enters, new), new, old), new_bank, bank)
+        ring = {
+            "ptr": jnp.where(enters[:, None, None], _push(ring["ptr"], out["obj_ptr"]), ring["ptr"]),
+            "frame": jnp.where(enters[:, None], _push(ring["frame"], frame), ring["frame"]),
+            "valid": jnp.where(enters[:, None], _push(ring["valid"], jnp.ones((b,), bool)), ring["valid"]),
+        }
+        y = {"low_res_masks": low, "iou": iou, "object_score_logits": obj, "frame": frame, "active": active}
+        return (bank, ring), y
+
+    if cfg.remat:
+        step = jax.checkpoint(step)
+    n_steps = sched["frame"].shape[0]
+    keys = jax.random.split(key, n_steps)
+    _, ys = jax.lax.scan(
+        step, (bank0, ring0), (sched["frame"], sched["dir"], sched["active"], sched["reset"], keys)
+    )
+    # Scatter the steps back to frame order; inactive steps are dropped.
+    tgt = jnp.where(ys["active"], ys["frame"], t)  # (steps, B)
+    bidx = jnp.broadcast_to(jnp.arange(b)[None], tgt.shape)
+    res = {
+        "low_res_masks": jnp.full((b, t, s4, s4), -1024.0, jnp.float32),
+        "iou": jnp.zeros((b, t), jnp.float32),
+        "object_score_logits": jnp.full((b, t), -1024.0, jnp.float32),
+    }
+    res = {kk: v.at[bidx, tgt].set(ys[kk], mode="drop") for kk, v in res.items()}
+    res["visited"] = jnp.zeros((b, t), bool).at[bidx, tgt].set(True, mode="drop")
+    return res
+
+
+def _bcast(flag: Array, like: Array) -> Array:
+    return flag.reshape(flag.shape + (1,) * (like.ndim - flag.ndim))
+
+
+def _push(ring: Array, new: Array) -> Array:
+    """Append ``new`` (B, ...) at the end of a (B, R, ...) ring, dropping the oldest."""
+    return jnp.concatenate([ring[:, 1:], new[:, None]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "direction"))
+def _propagate_jit(graphdef, state, feats, prompts, key, cfg, direction):
+    return propagate(nnx.merge(graphdef, state), feats, prompts, key, cfg, direction)
+
+
+def track(
+    model: SAM2,
+    frames: Array,
+    prompts: Prompts,
+    *,
+    direction: Direction = "both",
+    config: TrackerConfig = TrackerConfig(),
+    key: Array | None = None,
+    output_size: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> dict[str, Array]:
+    """Segment and track the prompted objects through ``frames`` (T, S, S, 3), normalised.
+
+    Returns (B objects, T frames, ...) arrays: ``mask_logits`` at ``output_size`` (default S x S, bilinear
+    like SAM 2), ``low_res_masks`` (S/4), ``iou``, ``object_score_logits``, ``visited``.
+    """
+    if direction not in ("forward", "backward", "both"):
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    frames = jnp.asarray(frames)
+    if frames.ndim != 4 or frames.shape[0] == 0:
+        raise ValueError(f"frames must be a non-empty (T, S, S, 3) array, got shape {frames.shape}")
+    t = frames.shape[0]
+    if int(jnp.max(prompts.frame_idx)) >= t:
+        raise ValueError(f"a prompt is on frame {int(jnp.max(prompts.frame_idx))}, outside the {t} frames")
+    if prompts.mask.shape[-1] != model.image_size:
+        raise ValueError(
+            f"prompts were built for image_size={prompts.mask.shape[-1]}, the model has {model.image_size}"
+        )
+    feats = encode_frames(model, frames, batch=config.encode_batch, progress=progress)
+    key = jax.random.key(0) if key is None else key
+    graphdef, state = nnx.split(model)
+    out = _propagate_jit(graphdef, state, feats, prompts, key, config, direction)
+    size = output_size or (model.image_size, model.image_size)
+    out["mask_logits"] = resize_bilinear(out["low_res_masks"], size, antialias=False)
+    return out
