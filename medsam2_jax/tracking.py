@@ -367,7 +367,9 @@ def propagate(
     """Track B objects through T encoded frames. Pure and jit-able; differentiable w.r.t. the model.
 
     Returns per object and frame (B, T, ...): ``low_res_masks`` logits (S/4 x S/4), ``iou``,
-    ``object_score_logits``, and ``visited`` (whether the frame was reached in this direction).
+    ``object_score_logits``, and ``visited`` (whether the frame was reached in this direction); and
+    ``trace``: per scan step (steps, B, ...) the frame, activity, IoU, and the bank's frame ids, validity and
+    confidences after the step, and which bank slots the step read.
     """
     top_all = feats["fpn"][-1]
     t, h, w, c = top_all.shape
@@ -450,7 +452,12 @@ def propagate(
             "frame": jnp.where(enters[:, None], _push(ring["frame"], frame), ring["frame"]),
             "valid": jnp.where(enters[:, None], _push(ring["valid"], jnp.ones((b,), bool)), ring["valid"]),
         }
-        y = {"low_res_masks": low, "iou": iou, "object_score_logits": obj, "frame": frame, "active": active}
+        y = {
+            "low_res_masks": low, "iou": iou, "object_score_logits": obj, "frame": frame, "active": active,
+            # What the bank holds after this step (small; for diagnostics and tests).
+            "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
+            "read_valid": view_valid,
+        }
         return (bank, ring), y
 
     if cfg.remat:
@@ -470,6 +477,9 @@ def propagate(
     }
     res = {kk: v.at[bidx, tgt].set(ys[kk], mode="drop") for kk, v in res.items()}
     res["visited"] = jnp.zeros((b, t), bool).at[bidx, tgt].set(True, mode="drop")
+    # Per-step trace in processing order, (steps, B, ...): frame, activity and the bank's content.
+    res["trace"] = {kk: ys[kk] for kk in ("frame", "active", "iou", "bank_frame", "bank_valid", "bank_confidence",
+                                          "read_valid")}
     return res
 
 
