@@ -357,3 +357,23 @@ def test_mismatched_trunk_and_neck():
     neck = nnx.eval_shape(lambda: FpnNeck(256, (896, 448, 224, 112), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"trunk \[768, 384, 192, 96\], neck \[896, 448, 224, 112\]"):
         ImageEncoder(trunk, neck, scalp=1)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the benchmark script runs end to end (tiny sizes; it is timed for real by `make bench`)
+# ------------------------------------------------------------------------------------------------------
+def test_benchmark_script_smoke(tmp_path):
+    import json
+
+    from benchmarks import image_encoder as bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--image-sizes", "64", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    (row,) = res["results"]
+    assert (row["model"], row["image_size"], row["batch"]) == ("sam2.1_hiera_t", 64, 1)
+    assert row["jax"]["fps"] > 0 and row["torch"]["fps"] > 0 and row["jax"]["compilations"] == 1
+    assert row["max_abs_diff_vision_features"] < FEAT_ATOL  # both frameworks computed the same encoder
+    with pytest.raises(SystemExit, match="not a positive multiple of 32"):
+        bench.main(["--image-sizes", "100", "--out", str(out)])
