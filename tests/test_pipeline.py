@@ -529,3 +529,28 @@ def test_skipped_2d_images_are_not_frames():
     for b in batches:
         col.update(b)
     assert col.skipped_indices == [1] and col.report().skipped[0].reason == "p1: broken"
+
+
+# ---------------------------------------------------------------------------------------------- package
+
+
+def test_data_package_reexports():
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import medsam2_jax.data as data
+
+    for name in data.__all__:
+        obj = getattr(data, name)
+        module = importlib.import_module(f"medsam2_jax.data.{data._WHERE[name]}")
+        assert obj is getattr(module, name), name
+    assert {"make_iterator", "SkipCollector", "dataset_source", "preprocess_case", "DataError"} <= set(data.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        data.nope
+    # re-exports are lazy: reading NIfTI does not import grain (nor jax)
+    code = "import sys, medsam2_jax.data.io; print('grain' in sys.modules, 'jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.split() == ["False", "False"]
