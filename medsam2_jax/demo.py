@@ -30,13 +30,13 @@ Outputs in ``DIR``: ``prediction.nii.gz`` (uint8, the input's shape, affine and 
 
 **Weights.** No pretrained checkpoint can be downloaded here. Without ``--model`` the model is RANDOMLY
 initialised (:func:`medsam2_jax.api.random_model`): the demo then shows that the whole pipeline runs end to
-end, and its Dice is meaningless (random weights usually call the object absent, so the mask is empty).
-The output and the report say so. With ``--model DIR`` it loads converted weights
+end, and its Dice is meaningless (a random model may call the object absent and return an empty mask, or
+return noise). The output and the report say so. With ``--model DIR`` it loads converted weights
 (``python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --out DIR``).
 
-The default run (tiny model, 256 px, 24 slices) needs about 1.5 CPU-minutes, most of it initialising the random
-model (eager JAX) and compiling the tracker; XLA compilations are cached on disk (``--compile-cache``), so a
-second run is faster.
+The default run (tiny model, 256 px, 24 slices) takes about a minute on two CPU cores, most of it compiling
+the image encoder and the tracker; XLA compilations are cached on disk (``--compile-cache``), so a second run
+takes well under a minute.
 """
 
 from __future__ import annotations
@@ -228,7 +228,9 @@ def _resolve_class(spec: str, names: dict[int, str]) -> int:
         return cid
     hits = [k for k, v in names.items() if v.lower() == s.lower()]
     if not hits:
-        raise SystemExit(f"error: --target {spec!r} is not a label of this volume; labels present: {_list_names(names)}")
+        raise SystemExit(
+            f"error: --target {spec!r} is not a label of this volume; labels present: {_list_names(names)}"
+        )
     return hits[0]
 
 
@@ -389,10 +391,10 @@ def evaluate_and_write(
     over = []
     for i in _overlay_slices(target.slice_range, prompt_slice, pred_stack.shape[0], overlays):
         pr = prompt_frames.get(i, {})
-        p = viz.save_overlay(over_dir / f"slice_{int(pre.grid.slice_indices[i]):03d}.png", pre.image[i],
-                             gt=tmask[i], pred=pred_stack[i], box=pr.get("box"), points=pr.get("points"),
-                             point_labels=pr.get("point_labels"),
-                             title=f"slice {int(pre.grid.slice_indices[i])}" + (" (prompted)" if i in prompt_frames else ""))
+        s = int(pre.grid.slice_indices[i])
+        p = viz.save_overlay(over_dir / f"slice_{s:03d}.png", pre.image[i], gt=tmask[i], pred=pred_stack[i],
+                             box=pr.get("box"), points=pr.get("points"), point_labels=pr.get("point_labels"),
+                             title=f"slice {s}" + (" (prompted)" if i in prompt_frames else ""))
         over.append(str(p.relative_to(out_dir)))
     files["overlays"] = over
     grid_idx = _grid_slices(pred_stack.shape[0], prompt_slice)
@@ -448,6 +450,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "## Per slice",
         "",
+        "Slice numbers are indices along the volume's slicing axis in canonical (RAS+) order.",
+        "",
         "| slice | Dice | IoU | GT area | predicted area | predicted IoU | object score |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -487,7 +491,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case = load_phantom_case(out_dir / "data", args.slices, args.seed)
         else:
             case = load_realct_case(out_dir / "data", args.slices, args.target)
-        log.say(f"  {case.description}; canonical shape {case.volume.shape}, spacing {np.round(case.volume.spacing, 3).tolist()} mm")
+        log.say(f"  {case.description}; canonical shape {case.volume.shape}, "
+                f"spacing {np.round(case.volume.spacing, 3).tolist()} mm")
         log.done("data")
 
         # 2. Preprocessing and target.
@@ -506,8 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.model:
             log.say(f"model: loading converted weights from {args.model}")
         else:
-            log.say("model: building a RANDOMLY initialised model (no --model given; scores will be meaningless); "
-                    "about a minute on CPU")
+            log.say("model: building a RANDOMLY initialised model (no --model given; scores will be meaningless)")
         model, weights = load_demo_model(args.model, args.model_name, args.image_size, args.seed)
         log.done("model")
 

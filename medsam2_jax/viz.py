@@ -104,7 +104,9 @@ def draw_overlay(
         pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
         lab = np.ones(len(pts), np.int32) if point_labels is None else np.asarray(point_labels).reshape(-1)
         if lab.shape[0] != pts.shape[0]:
-            raise ValueError(f"point_labels must have one label per point: {pts.shape[0]} points, {lab.shape[0]} labels")
+            raise ValueError(
+                f"point_labels must have one label per point: {pts.shape[0]} points, {lab.shape[0]} labels"
+            )
         pos, neg = pts[lab == 1], pts[lab == 0]
         if len(pos):
             ax.scatter(pos[:, 0], pos[:, 1], marker="*", s=120, c=GT_COLOR, edgecolors="white", linewidths=0.8)
