@@ -435,7 +435,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- **Target:** label {t['class_id']} `{t['name']}`, slices {t['slice_range_in_volume'][0]}.."
         f"{t['slice_range_in_volume'][1] - 1} of the volume",
         f"- **Prompt:** {t['prompt']['kind']} on slice {t['prompt']['slice_in_volume']}"
-        + (f", box (x0, y0, x1, y1) = {t['prompt']['box_xyxy']} px" if t["prompt"].get("box_xyxy") else ""),
+        + (f", box (x0, y0, x1, y1) = {t['prompt']['box_xyxy']} px" if t["prompt"].get("box_xyxy") else "")
+        + (f", clicks (x, y) = {t['prompt']['points_xy']} px" if t["prompt"].get("points_xy") else "")
+        + (" (the ground-truth mask of that slice)" if t["prompt"]["kind"] == "mask" else ""),
         f"- **Tracking:** direction {report['tracking']['direction']}, memory bank "
         f"`{report['tracking']['policy']}` (K = {report['tracking']['bank']['K']}), "
         f"{report['tracking']['num_frames']} slices",
