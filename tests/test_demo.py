@@ -174,6 +174,7 @@ def _scores_from_files(out, report):
 
 
 @pytest.mark.slow
+@pytest.mark.torch
 def test_demo_writes_consistent_files(run_converted):
     out, report = run_converted
     for name in ("prediction.nii.gz", "report.json", "report.md", "per_slice.png", "slices_grid.png"):
