@@ -8,9 +8,9 @@ Tolerances (float32, matmul precision "highest" on both sides):
 
 * trunk stages / FPN levels / vision_features: ``atol 1e-4``. Each output passes 12-24 pre-norm blocks of
   matmuls (K up to 3072), softmax attention and exact GELU; float32 summation-order differences are
-  ~1e-7 relative per op and grow with depth and magnitude (activations reach |x| ~ 10-20). Measured max
-  |diff| is ~1e-5 (tiny and b+ at 256) to ~3e-5 (tiny at 1024); an indexing, padding or layout bug gives
-  O(0.1-1).
+  ~1e-7 relative per op and grow with depth and magnitude (activations reach |x| ~ 10). Measured max
+  |diff|: 1e-6 (stage 1) to 1.3e-5 (b+ stage 3 at 256); 7.6e-6 at 1024 for tiny. An indexing, padding or
+  layout bug gives O(0.1-1).
 * position encodings: ``atol 1e-5``: a float32 sine of a static grid, no learned weights; measured 2.4e-7.
 * bicubic matrix vs ``F.interpolate``: ``atol 1e-5`` on N(0,1) data: 16 float32 products per output;
   measured ~1e-6. JAX's own bicubic (A = -0.5) is off by ~0.4, so the test can fail.
@@ -377,3 +377,22 @@ def test_benchmark_script_smoke(tmp_path):
     assert row["max_abs_diff_vision_features"] < FEAT_ATOL  # both frameworks computed the same encoder
     with pytest.raises(SystemExit, match="not a positive multiple of 32"):
         bench.main(["--image-sizes", "100", "--out", str(out)])
+
+
+def test_patch_embed_matmul_equals_conv():
+    """The reshape + matmul patch embedding equals the k7/s4/p3 convolution it replaces (and PyTorch's)."""
+    from medsam2_jax.model.hiera import PatchEmbed
+
+    pe = PatchEmbed(16, rngs=nnx.Rngs(0))
+    pe.proj.bias.set_value(jnp.linspace(-1.0, 1.0, 16))
+    x = jax.random.normal(jax.random.key(0), (2, 64, 96, 3))
+    ours = np.asarray(pe(x))
+    assert ours.shape == (2, 16, 24, 16)
+    # float32 sums of 147 products in another order: ~1e-6
+    assert _max_abs(ours, pe.proj(x)) < 1e-5
+    conv = torch.nn.Conv2d(3, 16, 7, 4, 3)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(np.asarray(pe.proj.kernel[...]).transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(np.asarray(pe.proj.bias[...])))
+        ref = conv(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
+    assert _max_abs(ours, ref) < 1e-5

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import MLP, Conv2d, LayerNorm, Linear, gelu
+from .common import MLP, Conv2d, LayerNorm, Linear
 from .sizes import ModelSpec
 
 Array = jax.Array
@@ -104,6 +104,15 @@ def _max_pool_2x2(x: Array) -> Array:
     return x.reshape(*lead, h // 2, 2, w // 2, 2, c).max(axis=(-4, -2))
 
 
+def _gelu(x: Array) -> Array:
+    """Exact GELU written as torch does, ``x/2 (1 + erf(x/sqrt 2))``.
+
+    Same values as ``jax.nn.gelu(approximate=False)`` (which uses erfc) to float32 rounding, measured
+    1.2e-6 from torch on [-12, 12], and ~6x faster on CPU (XLA's erfc goes through exp and a division).
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * np.float32(np.sqrt(0.5))))
+
+
 def _attention(q: Array, k: Array, v: Array) -> Array:
     """Softmax attention on (N, Tq, heads, hd) / (N, Tk, heads, hd), scale 1/sqrt(hd), no mask.
 
@@ -125,13 +134,31 @@ def _pad_to(n: int, ws: int) -> int:
 # modules
 # --------------------------------------------------------------------------------------------------------
 class PatchEmbed(nnx.Module):
-    """``PatchEmbed``: Conv2d(in_chans -> embed_dim, k7, s4, p3); NHWC in, NHWC out."""
+    """``PatchEmbed``: Conv2d(in_chans -> embed_dim, k7, s4, p3); NHWC in, NHWC out.
+
+    Computed as one matmul over 8x8 patches gathered by reshapes (space-to-depth by 4, then the 2x2
+    neighbouring 4x4 blocks side by side; the 7x7 kernel is zero-extended to 8x8). Same sum as the conv,
+    and several times faster than XLA's CPU convolution for this 3-channel, stride-4 case.
+    """
 
     def __init__(self, embed_dim: int, in_chans: int = 3, *, rngs: nnx.Rngs):
         self.proj = Conv2d(in_chans, embed_dim, kernel_size=7, stride=4, padding=3, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        return self.proj(x)
+        b, h, w, c = x.shape
+        if h % 4 or w % 4:
+            return self.proj(x)
+        n_h, n_w = h // 4, w // 4
+        # out[i, j] = sum_{a,b<7} x[4i-3+a, 4j-3+b] K[a, b]; with xp = pad(x, 3 before, 1 after), rows
+        # 4i..4i+7 of xp are its 4x4-blocks i and i+1.
+        xp = jnp.pad(x, ((0, 0), (3, 1), (3, 1), (0, 0)))
+        blocks = xp.reshape(b, n_h + 1, 4, n_w + 1, 4, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n_h + 1, n_w + 1, 16 * c)
+        patches = jnp.concatenate(
+            [blocks[:, di : di + n_h, dj : dj + n_w] for di in (0, 1) for dj in (0, 1)], axis=-1
+        )  # (B, n_h, n_w, [di, dj, r, c, ch])
+        k = jnp.pad(self.proj.kernel[...], ((0, 1), (0, 1), (0, 0), (0, 0)))  # (8, 8, C_in, C_out)
+        k = k.reshape(2, 4, 2, 4, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(64 * c, -1)
+        return jnp.einsum("bhwk,ko->bhwo", patches, k) + self.proj.bias[...]
 
 
 class MultiScaleAttention(nnx.Module):
@@ -203,7 +230,7 @@ class MultiScaleBlock(nnx.Module):
         self.norm1 = LayerNorm(dim, eps=_EPS, rngs=rngs)
         self.attn = MultiScaleAttention(dim, dim_out, num_heads, q_pool=q_stride, rngs=rngs)
         self.norm2 = LayerNorm(dim_out, eps=_EPS, rngs=rngs)
-        self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, 2, activation=gelu, rngs=rngs)
+        self.mlp = MLP(dim_out, int(dim_out * mlp_ratio), dim_out, 2, activation=_gelu, rngs=rngs)
         self.proj = Linear(dim, dim_out, rngs=rngs) if dim != dim_out else None
 
     def __call__(self, x: Array) -> Array:
@@ -297,8 +324,9 @@ class Hiera(nnx.Module):
         bh, bw = self.window_pos_embed_bkg_spatial_size
         mh = jnp.asarray(bicubic_matrix(bh, h))
         mw = jnp.asarray(bicubic_matrix(bw, w))
-        pe = self.pos_embed[...][0]  # (C, bh, bw)
-        pos = jnp.einsum("ha,cab,wb->hwc", mh, pe, mw)
+        pe = jnp.transpose(self.pos_embed[...][0], (1, 2, 0))  # (bh, bw, C)
+        # M_h P M_w^T, contracted in the order that leaves (h, w, C) in its natural layout (no transpose)
+        pos = jnp.einsum("wb,hbc->hwc", mw, jnp.einsum("ha,abc->hbc", mh, pe))
         win = jnp.transpose(self.pos_embed_window[...][0], (1, 2, 0))  # (w0, w0, C)
         w0 = win.shape[0]
         return pos + jnp.tile(win, (h // w0, w // w0, 1))
