@@ -393,6 +393,6 @@ def test_patch_embed_matmul_equals_conv():
     conv = torch.nn.Conv2d(3, 16, 7, 4, 3)
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(np.asarray(pe.proj.kernel[...]).transpose(3, 2, 0, 1).copy()))
-        conv.bias.copy_(torch.from_numpy(np.asarray(pe.proj.bias[...])))
+        conv.bias.copy_(torch.from_numpy(np.array(pe.proj.bias[...])))
         ref = conv(torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())).numpy().transpose(0, 2, 3, 1)
     assert _max_abs(ours, ref) < 1e-5
