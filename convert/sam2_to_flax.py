@@ -4,12 +4,18 @@
 Example:
   python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --out models/tiny
 
-The conversion is strict: every tensor of the file must map to exactly one Flax parameter with the right
-shape, and every Flax parameter must be filled; otherwise the command fails and lists the offending keys.
-The model size is checked against the tensor shapes ("this file holds sam2.1_hiera_s, not ..."). The output
-directory is an orbax checkpoint (params/) plus medsam2.json, loaded by `medsam2_jax.load_model(DIR)`.
-With --export-torch FILE the converted weights are written back to a PyTorch state dict, which is
-bit-identical to the input (use it to check a round trip, or to take JAX-trained weights back to PyTorch).
+Reads Meta's files ({"model": state_dict}), bare state dicts and Medical-SAM2 fine-tuned files
+({"model": ..., "parameter": ...}, bf16 tensors, a DataParallel "module." prefix). The conversion is strict:
+every tensor of the file must map to exactly one Flax parameter with the right shape and finite values, and
+every Flax parameter must be filled; otherwise the command fails (exit status 2) and names the offending keys.
+The model size and version are checked against the tensor shapes ("... holds a sam2.1_hiera_s model, not
+sam2.1_hiera_t: convert it as --model sam2.1_hiera_s").
+
+The output directory holds an orbax checkpoint (params/, PyTorch key names) and medsam2.json; load it with
+`medsam2_jax.load_model(DIR)` (optionally at another image size: `load_model(DIR, image_size=512)`).
+With --export-torch FILE the converted weights are written back to a PyTorch {"model": state_dict} file,
+read again and compared with the input: the round trip is bit-exact (bf16 inputs are upcast to float32,
+which is exact). Use it to check a conversion, or to take JAX-trained weights back to PyTorch.
 """
 
 import argparse
@@ -18,36 +24,41 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+MODEL_HELP = ("model name: sam2.1_hiera_{t,s,b+,l} or sam2_hiera_{t,s,b+,l} (SAM 2.0); long forms such as "
+              "sam2.1_hiera_tiny or sam2.1_hiera_base_plus work too")
+
 
 def main(argv=None) -> int:
-    from medsam2_jax.model.sizes import MODEL_NAMES
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="PyTorch .pt/.pth file ({'model': state_dict} or a state dict)")
-    ap.add_argument("--model", required=True, help=f"model name, one of: {', '.join(MODEL_NAMES)}")
-    ap.add_argument("--image-size", type=int, default=1024, help="default input size S (multiple of 32; default 1024)")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--export-torch", default=None, help="also write the converted weights back to this .pt file")
+    ap.add_argument("--checkpoint", required=True, help="PyTorch .pt/.pth file")
+    ap.add_argument("--model", required=True, help=MODEL_HELP)
+    ap.add_argument("--image-size", type=int, default=1024,
+                    help="input size S recorded as the default for load_model (a multiple of 32; default 1024)")
+    ap.add_argument("--out", required=True, help="output directory (created; its params/ is replaced)")
+    ap.add_argument("--export-torch", default=None, metavar="FILE",
+                    help="also write the converted weights back to this .pt file and check the round trip")
     args = ap.parse_args(argv)
+
+    import numpy as np
 
     from medsam2_jax import api
 
     try:
-        sd = api.read_torch_checkpoint(args.checkpoint)
+        sd = api.strip_prefix(api.read_torch_checkpoint(args.checkpoint))
         model = api.convert_state_dict(sd, args.model, args.image_size, source=args.checkpoint)
+        out = api.save_model(model, args.out, source=os.path.basename(args.checkpoint))
     except (api.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = api.save_model(model, args.out, source=os.path.basename(args.checkpoint))
     n = sum(v.size for v in sd.values())
     print(f"converted {len(sd)} tensors ({n:,} values) of {model.model_name} -> {out}")
     if args.export_torch:
-        import numpy as np
-        import torch
-
-        back = api.export_torch_state_dict(model)
-        torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in back.items()}}, args.export_torch)
-        same = all(np.array_equal(back[k], sd[k]) for k in sd)
+        api.export_torch_checkpoint(model, args.export_torch)
+        back = api.read_torch_checkpoint(args.export_torch)
+        # Bit patterns, not values: -0.0 vs 0.0 or a changed NaN payload would count as a difference.
+        same = back.keys() == sd.keys() and all(
+            back[k].shape == sd[k].shape and np.array_equal(back[k].view(np.uint32), sd[k].view(np.uint32))
+            for k in sd)
         print(f"exported back to {args.export_torch}: round trip {'bit-exact' if same else 'DIFFERS'}")
         if not same:
             return 1

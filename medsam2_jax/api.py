@@ -3,10 +3,20 @@
 * :func:`read_torch_checkpoint` reads Meta's SAM 2 / 2.1 files (``{"model": state_dict}``), bare state dicts
   and Medical-SAM2 fine-tuned files (``{"model": ..., "parameter": ...}``, possibly bf16, possibly with a
   DataParallel ``module.`` prefix) into NumPy float32 arrays. Needs torch.
-* :func:`convert_state_dict` checks the model size against the tensor shapes and fills a Flax model strictly.
-* :func:`save_model` / :func:`load_model` write and read an orbax checkpoint directory
-  (``params/`` + ``medsam2.json``), with no torch needed to load.
-* :func:`export_torch_state_dict` goes back to PyTorch names and layouts (bit-exact round trip).
+* :func:`convert_state_dict` checks the model size and version against the tensor shapes and fills a Flax
+  model strictly: a missing, extra, mis-shaped or non-finite tensor is a :class:`CheckpointError` naming it.
+  :func:`convert_checkpoint` is both steps.
+* :func:`save_model` / :func:`load_model` write and read a model directory (orbax ``params/`` with PyTorch
+  key names + ``medsam2.json``); loading needs no torch and may use another image size than the one
+  converted at.
+* :func:`export_torch_state_dict` / :func:`export_torch_checkpoint` go back to PyTorch names and layouts
+  (bit-exact round trip).
+* :func:`build_model` / :func:`random_model`: a model of a given size, unfilled or randomly initialised.
+
+Every model returned here is concrete (no abstract ``ShapeDtypeStruct`` left from the allocation-free
+construction) and in eval mode (``model.eval()``: the mask decoder's dynamic multimask fallback is on, as in
+SAM 2's predictors). The model holds no RNG state: dropout in the memory attention only runs when a caller
+passes ``deterministic=False`` together with an ``nnx.Rngs``.
 """
 
 from __future__ import annotations
@@ -17,98 +27,317 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from . import weights
 from .model.sam2 import SAM2
-from .model.sizes import detect_size, get_spec
+from .model.sizes import SPECS, detect_size, get_spec
 
 FORMAT_VERSION = 1
 META_FILE = "medsam2.json"
+PARAMS_DIR = "params"
+_PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
+_CONVERT_HINT = "python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR"
+_SHOWN = 12  # keys listed per kind of problem in an error message
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the requested model."""
+    """A checkpoint file or model directory that cannot be read or does not fit the requested model."""
 
 
+# ------------------------------------------------------------------------------------------ PyTorch in
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a PyTorch SAM 2 checkpoint into ``{key: float32 array}``."""
+    """Read a PyTorch SAM 2 checkpoint into ``{key: float32 array}`` (keys as stored, prefix included).
+
+    Accepts ``{"model": state_dict, ...}`` (Meta's files; Medical-SAM2's add ``"parameter"``, ignored),
+    ``{"state_dict": ...}`` and a bare state dict. Tensors of any floating dtype (bf16, fp16) are upcast to
+    float32, which is exact.
+    """
+    import pickle
+
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a directory, expected a PyTorch checkpoint file (.pt/.pth); a directory written by the "
+            "converter is loaded with medsam2_jax.load_model(DIR)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); download or save it again")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, not a torch file
+    except pickle.UnpicklingError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}). "
-            "Is the file complete (compare its size with the published one) and a .pt/.pth saved by torch.save?"
+            f"{path}: holds Python objects other than tensors and containers ({msg}); "
+            "save only the weights: torch.save({'model': model.state_dict()}, FILE)"
         ) from None
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        sd = obj["model"]
-    elif isinstance(obj, Mapping) and any(hasattr(v, "shape") for v in obj.values()):
-        sd = obj
-    else:
-        keys = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    except Exception as e:  # truncated zip, not a torch file at all
         raise CheckpointError(
-            f"{path}: expected a SAM 2 checkpoint ({{'model': state_dict}} or a state dict), found {keys}"
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Is the file complete ({size:,} bytes here; compare with the published size) and written by "
+            "torch.save?"
+        ) from None
+    sd: Any
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        sd, where = obj["model"], "['model']"
+    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        sd, where = obj["state_dict"], "['state_dict']"
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, where = obj, ""
+    else:
+        found = (f"a dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping)
+                 else f"a {type(obj).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a SAM 2 checkpoint, i.e. {{'model': state_dict}} or a state dict of tensors, "
+            f"found {found}"
         )
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for k, v in sd.items():
-        if not hasattr(v, "shape"):
-            continue
-        k = k[len("module."):] if k.startswith("module.") else k
-        out[k] = v.detach().to(torch.float32).cpu().numpy()
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}{where}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if not (v.dtype.is_floating_point):
+            raise CheckpointError(f"{path}{where}: tensor {k!r} has dtype {v.dtype}; SAM 2 weights are floating point")
+        out[str(k)] = v.detach().to(torch.float32).cpu().numpy()
+    if not out:
+        raise CheckpointError(f"{path}{where}: the state dict is empty")
     return out
 
 
-def build_model(model_name: str, image_size: int = 1024, *, abstract: bool = False, seed: int = 0) -> SAM2:
-    """A SAM 2 of the given size; ``abstract=True`` allocates nothing (to be filled by a checkpoint)."""
-    get_spec(model_name)  # clear error on an unknown name
-    ctor = lambda: SAM2(model_name, image_size, rngs=nnx.Rngs(seed))
-    return nnx.eval_shape(ctor) if abstract else ctor()
+def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Remove a wrapper prefix shared by the SAM 2 keys (DataParallel's ``module.``, or e.g. ``model.``).
+
+    The prefix is what precedes ``image_encoder.trunk.patch_embed.proj.weight``; keys without it are kept
+    as they are (and will be reported as unexpected by :func:`convert_state_dict`).
+    """
+    root = next((k[: -len(_PATCH_KEY)] for k in state_dict if k.endswith(_PATCH_KEY)), "")
+    if not root:
+        return dict(state_dict)
+    return {(k[len(root):] if k.startswith(root) else k): v for k, v in state_dict.items()}
 
 
-def convert_state_dict(
-    state_dict: Mapping[str, np.ndarray], model_name: str, image_size: int = 1024, *, source: str = "checkpoint"
-) -> SAM2:
-    """Strictly fill a new model from a PyTorch-named state dict, after checking the model size."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+def _check_image_size(image_size: Any) -> int:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+        raise ValueError(f"image_size must be an int (a positive multiple of 32), got {image_size!r}")
+    if image_size <= 0 or image_size % 32:
+        raise ValueError(f"image_size must be a positive multiple of 32 (e.g. 512 or 1024), got {image_size}")
+    return int(image_size)
+
+
+def _describe(name: str) -> str:
+    s = SPECS[name]
+    return f"{name} ({s.size}, SAM {s.version}: embed dim {s.embed_dim}, {s.depth} Hiera blocks)"
+
+
+def _check_size(shapes: Mapping[str, tuple], model_name: str, source: str) -> None:
     spec = get_spec(model_name)
     try:
         actual = detect_size(shapes)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    if get_spec(actual).name != spec.name:
+    if actual == spec.name:
+        return
+    real = SPECS[actual]
+    if real.size == spec.size:  # same image encoder, other version
+        what = ("has obj_ptr_tpos_proj and no_obj_embed_spatial" if real.is_2_1
+                else "has no obj_ptr_tpos_proj / no_obj_embed_spatial tensors")
         raise CheckpointError(
-            f"{source} holds a {get_spec(actual).name} model, not {spec.name}: pass --model {get_spec(actual).name}"
+            f"{source} is a SAM {real.version} checkpoint ({what}), not SAM {spec.version}: "
+            f"convert it as --model {actual} (model_name={actual!r}) instead of {spec.name}"
         )
+    raise CheckpointError(
+        f"{source} holds a {_describe(actual)} model, not {_describe(spec.name)}: "
+        f"convert it as --model {actual} (model_name={actual!r})"
+    )
+
+
+def _torch_shape(entry: weights.Entry) -> tuple[int, ...]:
+    """The PyTorch-layout shape of a (possibly abstract) Flax variable, allocating nothing."""
+    want = tuple(entry.variable.get_value().shape)
+    return tuple(entry.rule.to_torch(np.broadcast_to(np.float32(0), want)).shape)
+
+
+def _check_tensors(state_dict: Mapping[str, np.ndarray], model: SAM2, source: str) -> None:
+    """Strict one-to-one check of keys, shapes and values, with what to do about each problem."""
+    expected = {e.torch_key: _torch_shape(e) for e in weights.iter_entries(model)}
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    bad_shape = [
+        f"{k}: the file has {tuple(np.shape(state_dict[k]))}, a {model.model_name} model expects {expected[k]}"
+        for k in sorted(expected.keys() & state_dict.keys())
+        if tuple(np.shape(state_dict[k])) != expected[k]
+    ]
+    non_finite = []
+    for k in sorted(expected.keys() & state_dict.keys()):
+        v = np.asarray(state_dict[k])
+        if v.shape == expected[k]:
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+            if bad:
+                non_finite.append(f"{k}: {bad} of {v.size} values are NaN or inf")
+    if not (missing or unexpected or bad_shape or non_finite):
+        return
+    lines = [f"{source} does not fit a {model.model_name} model ({len(expected)} tensors):"]
+
+    def listing(title: str, items: list[str], fix: str) -> None:
+        more = f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+        lines.append(f"  {title} {len(items)}{more}: " + "; ".join(items[:_SHOWN]))
+        lines.append(f"    -> {fix}")
+
+    if missing:
+        listing("missing tensor(s)", missing,
+                "the file is incomplete or from a modified model; use the full state dict of a SAM 2 model")
+    if unexpected:
+        listing("unexpected tensor(s)", unexpected,
+                "remove the keys of modules a SAM 2 model does not have (added in fine-tuning?) before converting")
+    if bad_shape:
+        listing("mis-shaped tensor(s)", bad_shape,
+                "the file was saved from a model with other hyper-parameters; it cannot be converted as "
+                f"{model.model_name}")
+    if non_finite:
+        listing("non-finite tensor(s)", non_finite,
+                "the weights are corrupt (a diverged training run or a damaged file); use another checkpoint")
+    raise CheckpointError("\n".join(lines))
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, np.ndarray], model_name: str, image_size: int = 1024, *, source: str = "checkpoint"
+) -> SAM2:
+    """Strictly fill a new model from a PyTorch-named state dict, after checking the model size and version.
+
+    A wrapper prefix (``module.``) is removed first (:func:`strip_prefix`). ``source`` names the file in
+    error messages.
+    """
+    image_size = _check_image_size(image_size)
+    spec = get_spec(model_name)
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise CheckpointError(f"{source}: the state dict is empty or not a mapping of tensors")
+    sd = strip_prefix(state_dict)
+    _check_size({k: tuple(np.shape(v)) for k, v in sd.items()}, spec.name, source)
     model = build_model(spec.name, image_size, abstract=True)
+    _check_tensors(sd, model, source)
+    # Private float32 copies: on CPU, jnp.asarray may alias a NumPy buffer (zero copy), and the caller's arrays
+    # are often views of live torch tensors; an in-place torch update must not reach into the JAX model.
+    sd = {k: np.array(v, dtype=np.float32) for k, v in sd.items()}
     try:
-        weights.load_state_dict(model, state_dict, source=source)
-    except weights.WeightMismatchError as e:
+        weights.load_state_dict(model, sd, source=source)
+    except weights.WeightMismatchError as e:  # _check_tensors should have caught it
         raise CheckpointError(str(e)) from None
-    return model
+    return _finish(model, source)
 
 
+def convert_checkpoint(path: str | os.PathLike, model_name: str, image_size: int = 1024) -> SAM2:
+    """:func:`read_torch_checkpoint` then :func:`convert_state_dict`."""
+    return convert_state_dict(read_torch_checkpoint(path), model_name, image_size, source=str(path))
+
+
+# ------------------------------------------------------------------------------------------ PyTorch out
 def export_torch_state_dict(model: SAM2) -> dict[str, np.ndarray]:
+    """The model's weights under SAM 2's PyTorch names and layouts (float32 NumPy arrays)."""
     return weights.export_state_dict(model)
 
 
+def export_torch_checkpoint(model: SAM2, path: str | os.PathLike) -> Path:
+    """Write ``{"model": state_dict}`` (float32), loadable by the ``sam2`` package's ``build_sam2``."""
+    import torch
+
+    path = Path(path)
+    sd = export_torch_state_dict(model)
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_model(model_name: str, image_size: int = 1024, *, abstract: bool = False, seed: int = 0) -> SAM2:
+    """A SAM 2 of the given size at ``image_size`` (a positive multiple of 32).
+
+    ``abstract=True`` allocates nothing: every parameter is a ``jax.ShapeDtypeStruct`` placeholder, to be
+    filled by :func:`weights.load_state_dict` (the model is not usable before that; :func:`convert_state_dict`
+    and :func:`load_model` fill it and check). Otherwise the parameters are SAM 2's random initialisation
+    from ``seed``.
+    """
+    image_size = _check_image_size(image_size)
+    name = get_spec(model_name).name  # clear error on an unknown name
+    ctor = lambda: SAM2(name, image_size, rngs=nnx.Rngs(seed))
+    if abstract:
+        return nnx.eval_shape(ctor)
+    model = ctor()
+    model.eval()
+    return model
+
+
+def abstract_paths(model: nnx.Module) -> list[str]:
+    """Paths of the model's state leaves that are not concrete arrays (empty for a usable model)."""
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+    return [jax.tree_util.keystr(p) for p, leaf in leaves if not isinstance(leaf, jax.Array)]
+
+
+def _finish(model: SAM2, source: str) -> SAM2:
+    left = abstract_paths(model)
+    if left:
+        raise RuntimeError(
+            f"{source}: {len(left)} model variable(s) were not filled by the checkpoint: {', '.join(left[:_SHOWN])}"
+        )
+    model.eval()
+    return model
+
+
+def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed: int = 0) -> SAM2:
+    """A randomly initialised model (demos, benchmarks and tests; no pretrained weights are needed).
+
+    Deterministic per ``seed`` and quick to build (the values are drawn by NumPy into an unallocated model,
+    no XLA compile): kernels and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with PyTorch's fan-in
+    (``nn.Linear`` / ``nn.Conv2d`` defaults), embeddings and the random-Fourier matrix ``N(0, 1)``, LayerNorm
+    scales ``1 + 0.02 N(0, 1)`` and biases ``0.02 N(0, 1)``, every other parameter (position embeddings,
+    memory and pointer embeddings, layer-scale gammas) ``0.02 N(0, 1)``: nothing is exactly 0 or 1, so a
+    random model is not degenerate. Its outputs mean nothing.
+    """
+    from .model.common import Buffer, Embedding, LayerNorm
+
+    model = build_model(model_name, image_size, abstract=True)
+    rng = np.random.default_rng(seed)
+    entries = list(weights.iter_entries(model))
+    kernel_shape = {id(e.module): _torch_shape(e) for e in entries if e.rule.torch_name == "weight"}
+    for e in entries:
+        shape = _torch_shape(e)
+        if isinstance(e.module, LayerNorm):
+            value = (e.rule.torch_name == "weight") + 0.02 * rng.standard_normal(shape)
+        elif isinstance(e.module, Embedding) or isinstance(e.variable, Buffer):
+            value = rng.standard_normal(shape)
+        elif e.rule.flax_name == "":  # a raw parameter of a composite module
+            value = 0.02 * rng.standard_normal(shape)
+        else:  # Linear, Conv2d, ConvTranspose2d weight or bias: PyTorch's fan-in of the weight
+            w = kernel_shape[id(e.module)]
+            bound = 1.0 / np.sqrt(w[1] * int(np.prod(w[2:], dtype=np.int64)))
+            value = rng.uniform(-bound, bound, shape)
+        dtype = e.variable.get_value().dtype
+        e.variable.set_value(jax.numpy.asarray(e.rule.to_flax(np.asarray(value, np.float32)), dtype))
+    return _finish(model, "random_model")
+
+
+# ------------------------------------------------------------------------------------------ model directories
 def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -> Path:
     """Write ``directory/params`` (orbax, PyTorch key names) and ``directory/medsam2.json``."""
+    import shutil
+
     import orbax.checkpoint as ocp
 
+    if not isinstance(model, SAM2):
+        raise TypeError(f"save_model expects a medsam2_jax SAM2 model, got {type(model).__name__}")
+    left = abstract_paths(model)
+    if left:
+        raise ValueError(f"cannot save a model with unfilled (abstract) variables: {', '.join(left[:_SHOWN])}")
     directory = Path(directory).absolute()
+    if directory.is_file():
+        raise CheckpointError(f"{directory}: is a file; save_model writes a directory")
     directory.mkdir(parents=True, exist_ok=True)
     sd = weights.export_state_dict(model)
-    params_dir = directory / "params"
+    params_dir = directory / PARAMS_DIR
     if params_dir.exists():
-        import shutil
-
         shutil.rmtree(params_dir)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(params_dir, _nest(sd))
@@ -125,30 +354,56 @@ def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -
 
 
 def load_model(directory: str | os.PathLike, *, image_size: int | None = None) -> SAM2:
-    """Load a model written by :func:`save_model` (or ``convert/sam2_to_flax.py``).
+    """Load a model written by :func:`save_model` (or ``convert/sam2_to_flax.py``), concrete and in eval mode.
 
-    ``image_size`` may differ from the one converted at (any multiple of 32): every parameter is
+    ``image_size`` may differ from the one converted at (any positive multiple of 32): every parameter is
     resolution-independent (Hiera's position embeddings are interpolated at run time).
     """
     import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
+    if directory.is_file():
+        raise CheckpointError(
+            f"{directory}: is a file; load_model reads a model directory. Convert a PyTorch checkpoint first: "
+            f"`{_CONVERT_HINT}`"
+        )
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such model directory")
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise CheckpointError(
             f"{directory}: not a medsam2-jax model directory ({META_FILE} missing); convert a PyTorch checkpoint "
-            "with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`"
+            f"with `{_CONVERT_HINT}`"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        name, saved_size = str(meta["model_name"]), int(meta["image_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable model description ({type(e).__name__}: {e}); "
+                              "convert the checkpoint again") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-    size = int(image_size or meta["image_size"])
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(directory / "params")
+        raise CheckpointError(
+            f"{meta_path}: format_version {meta.get('format_version')!r}, this medsam2-jax reads "
+            f"{FORMAT_VERSION}; convert the checkpoint again"
+        )
+    size = _check_image_size(saved_size if image_size is None else image_size)
+    spec = get_spec(name)
+    params_dir = directory / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{directory}: {PARAMS_DIR}/ is missing (an interrupted conversion?); convert again")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(params_dir)
+    except Exception as e:
+        raise CheckpointError(
+            f"{params_dir}: cannot be restored ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the directory is damaged or incomplete, convert the checkpoint again"
+        ) from None
     sd = {k: np.asarray(v) for k, v in _flatten(tree).items()}
-    model = build_model(meta["model_name"], size, abstract=True)
+    model = build_model(spec.name, size, abstract=True)
+    _check_tensors(sd, model, str(directory))
     weights.load_state_dict(model, sd, source=str(directory))
-    return model
+    return _finish(model, str(directory))
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,14 +425,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: tree}
-
-
-def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed: int = 0) -> SAM2:
-    """A randomly initialised model (demos and tests; no pretrained weights can be downloaded here)."""
-    model = build_model(model_name, image_size, seed=seed)
-    # Perturb zero/one initialisations (position embeddings, norms) so a random model is not degenerate.
-    key = jax.random.key(seed)
-    for i, e in enumerate(weights.iter_entries(model)):
-        v = e.variable.get_value()
-        e.variable.set_value(v + 0.02 * jax.random.normal(jax.random.fold_in(key, i), v.shape, v.dtype))
-    return model

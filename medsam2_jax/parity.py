@@ -3,6 +3,18 @@
 Used by ``convert/parity.py`` (users checking their own real checkpoint) and by the end-to-end parity
 tests (random perturbed weights). Needs torch and the ``sam2`` package.
 
+* :func:`build_torch_model`: the PyTorch reference as SAM 2's predictors build it (CPU, eval).
+* :func:`image_path_rows`: every Hiera stage, FPN level and position encoding, the prompt embeddings, the
+  decoder outputs and the object pointer, for clicks.
+* :func:`predict_rows`: ``SAM2.predict_masks`` against ``SAM2ImagePredictor._predict`` (its prompt-encoder
+  and mask-decoder calls) for any prompt (box, clicks, mask input, one or three masks), with extra static
+  padding on our side; :func:`torch_image_features` / :func:`jax_encode` give the features once.
+* :func:`video_rows`: ``tracking.track`` with SAM 2's FIFO memory against ``SAM2VideoPredictor``.
+* :func:`smooth_image`, :func:`moving_disk_clip`: generated inputs.
+
+The JAX side runs compiled (:func:`jax_encode`, :func:`jax_predict`), once per model configuration and
+input shape.
+
 Each comparison is a :class:`Row`: module name, max and mean absolute error, the largest reference value,
 the tolerance and pass/fail. Tolerances are per kind of quantity (float32, ``highest`` matmul precision):
 
@@ -18,11 +30,13 @@ the tolerance and pass/fail. Tolerances are per kind of quantity (float32, ``hig
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 TOL = {"embedding": 1e-4, "logits": 1e-3, "score": 1e-4, "positional": 1e-5}
 RELATIVE = {"embedding": True, "logits": True, "score": False, "positional": False}
@@ -51,7 +65,7 @@ class Row:
 
     def line(self) -> str:
         flag = "ok  " if self.ok else "FAIL"
-        return (f"{flag} {self.name:<42s} max {self.max_abs:9.2e}  mean {self.mean_abs:9.2e}  "
+        return (f"{flag} {self.name:<50s} max {self.max_abs:9.2e}  mean {self.mean_abs:9.2e}  "
                 f"|ref| {self.ref_max:9.2e}  tol {self.tol:8.1e}")
 
 
@@ -106,6 +120,138 @@ def _nhwc(t) -> np.ndarray:
     return np.transpose(_np(t), (0, 2, 3, 1))
 
 
+def _nchw(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(a, np.float32), (0, 3, 1, 2))))
+
+
+# ------------------------------------------------------------------------------------- JAX side, compiled
+# One compiled program per model configuration and input shape: the graph definition is a static argument,
+# so two models of the same size share the compilation (the weights are data).
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jax_image_path(graphdef, state, images, points, labels):
+    m = nnx.merge(graphdef, state)
+    trunk = m.image_encoder.trunk(images)
+    neck, pos = m.image_encoder.neck(trunk)
+    feats = m.encode_image(images)
+    sparse, smask, dense = m.sam_prompt_encoder((points, labels), None, None)
+    out = m.predict_masks(feats, points=points, labels=labels, multimask=True)
+    return {"trunk": trunk, "neck": neck, "pos": pos, "feats": feats, "sparse": sparse, "sparse_mask": smask,
+            "dense": dense, "out": out}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jax_encode(graphdef, state, images):
+    return nnx.merge(graphdef, state).encode_image(images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _jax_predict(graphdef, state, feats, points, labels, boxes, mask_inputs, multimask):
+    m = nnx.merge(graphdef, state)
+    return m.predict_masks(feats, points=points, labels=labels, boxes=boxes, mask_inputs=mask_inputs,
+                           multimask=multimask)
+
+
+def jax_encode(model, images) -> dict[str, Any]:
+    """``model.encode_image(images)``, compiled (once per model configuration and image batch shape)."""
+    graphdef, state = nnx.split(model)
+    return _jax_encode(graphdef, state, jnp.asarray(images, jnp.float32))
+
+
+def jax_predict(model, feats, *, points=None, labels=None, boxes=None, mask_inputs=None,
+                multimask: bool = True) -> dict[str, Any]:
+    """``model.predict_masks(feats, ...)``, compiled (once per configuration, prompt shapes and ``multimask``)."""
+    graphdef, state = nnx.split(model)
+    cast = lambda a, dt: None if a is None else jnp.asarray(a, dt)
+    return _jax_predict(graphdef, state, feats, cast(points, jnp.float32), cast(labels, jnp.int32),
+                        cast(boxes, jnp.float32), cast(mask_inputs, jnp.float32), bool(multimask))
+
+
+# ------------------------------------------------------------------------------------------ PyTorch side
+def torch_image_features(torch_model, images: np.ndarray) -> dict[str, Any]:
+    """What ``SAM2ImagePredictor.set_image`` keeps, on (B, S, S, 3) normalised images (no resizing):
+    ``image_embed`` (the top FPN level plus ``no_mem_embed``) and ``high_res_feats`` (levels 0 and 1)."""
+    import torch
+
+    with torch.no_grad():
+        bo = torch_model.forward_image(_nchw(images))
+        top = bo["backbone_fpn"][2] + torch_model.no_mem_embed.view(1, -1, 1, 1)
+    return {"image_embed": top, "high_res_feats": list(bo["backbone_fpn"][:2]), "backbone_out": bo}
+
+
+def torch_predict(torch_model, tfeats: dict[str, Any], *, points=None, labels=None, boxes=None,
+                  mask_inputs=None, multimask: bool = True) -> dict[str, np.ndarray]:
+    """``SAM2ImagePredictor._predict`` on :func:`torch_image_features` (same prompt and decoder calls, low-res
+    logits before its clamp to +-32), plus the object pointer as ``SAM2Base._forward_sam_heads`` makes it.
+
+    Prompts as for :meth:`medsam2_jax.model.sam2.SAM2.predict_masks`, NumPy, without static padding
+    (PyTorch's encoder appends its one padding point itself). With no click and no box this passes one dummy
+    point with label -1, as ``SAM2Base._forward_sam_heads`` does (and as ``predict_masks`` does);
+    ``SAM2ImagePredictor`` would pass no point at all in that case.
+    """
+    import torch
+
+    emb = tfeats["image_embed"]
+    b = emb.shape[0]
+    coords, labs = [], []
+    if boxes is not None:
+        coords.append(torch.from_numpy(np.asarray(boxes, np.float32)).reshape(b, 2, 2))
+        labs.append(torch.tensor([[2, 3]], dtype=torch.int32).repeat(b, 1))
+    if points is not None:
+        coords.append(torch.from_numpy(np.asarray(points, np.float32)).reshape(b, -1, 2))
+        labs.append(torch.from_numpy(np.asarray(labels, np.int32)).reshape(b, -1))
+    if not coords:
+        coords, labs = [torch.zeros(b, 1, 2)], [-torch.ones(b, 1, dtype=torch.int32)]
+    masks_t = None if mask_inputs is None else torch.from_numpy(np.asarray(mask_inputs, np.float32))[:, None]
+    with torch.no_grad():
+        sparse, dense = torch_model.sam_prompt_encoder(
+            points=(torch.cat(coords, 1), torch.cat(labs, 1)), boxes=None, masks=masks_t)
+        masks, iou, tokens, obj = torch_model.sam_mask_decoder(
+            image_embeddings=emb, image_pe=torch_model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            repeat_image=False, high_res_features=tfeats["high_res_feats"])
+        if multimask:
+            token = tokens[torch.arange(b), torch.argmax(iou, dim=-1)]
+        else:
+            token = tokens[:, 0]
+        ptr = torch_model.obj_ptr_proj(token)
+        present = (obj > 0).float()
+        ptr = present * ptr + (1 - present) * torch_model.no_obj_ptr
+    return {"masks": _np(masks), "iou": _np(iou), "object_score_logits": _np(obj), "obj_ptr": _np(ptr)}
+
+
+def pad_points(points: np.ndarray | None, labels: np.ndarray | None, b: int, extra: int):
+    """Append ``extra`` padding slots (label -1) to (B, P, 2) / (B, P) clicks (``None`` counts as P = 0);
+    returns ``(None, None)`` when there is nothing at all."""
+    if points is None:
+        points, labels = np.zeros((b, 0, 2), np.float32), np.zeros((b, 0), np.int32)
+    if points.shape[1] + extra == 0:
+        return None, None
+    pts = np.concatenate([np.asarray(points, np.float32), np.zeros((b, extra, 2), np.float32)], 1)
+    lab = np.concatenate([np.asarray(labels, np.int32), -np.ones((b, extra), np.int32)], 1)
+    return pts, lab
+
+
+def predict_rows(torch_model, model, tfeats, feats, name: str, *, points=None, labels=None, boxes=None,
+                 mask_inputs=None, multimask: bool = True, extra_padding: int = 0) -> list[Row]:
+    """Compare ``predict_masks`` with PyTorch's image predictor on one prompt; ours gets the clicks padded
+    with ``extra_padding`` more label -1 slots (static padding must not change the result)."""
+    b = tfeats["image_embed"].shape[0]
+    ref = torch_predict(torch_model, tfeats, points=points, labels=labels, boxes=boxes, mask_inputs=mask_inputs,
+                        multimask=multimask)
+    pts, lab = pad_points(points, labels, b, extra_padding)
+    out = jax_predict(model, feats, points=pts, labels=lab, boxes=boxes, mask_inputs=mask_inputs,
+                      multimask=multimask)
+    m = "3" if multimask else "1"
+    return [
+        compare(f"{name}: low-res mask logits ({m})", out["masks"], ref["masks"], "logits"),
+        compare(f"{name}: iou predictions", out["iou"], ref["iou"], "score"),
+        compare(f"{name}: object score logits", out["object_score_logits"], ref["object_score_logits"], "logits"),
+        compare(f"{name}: obj_ptr", out["obj_ptr"], ref["obj_ptr"], "embedding"),
+    ]
+
+
 def image_path_rows(
     torch_model, model, images: np.ndarray, points: np.ndarray, labels: np.ndarray
 ) -> list[Row]:
@@ -113,44 +259,43 @@ def image_path_rows(
 
     ``points`` (B, P, 2) pixels and ``labels`` (B, P) in {0, 1}: PyTorch gets them as they are (its prompt
     encoder appends one padding point); we pass them padded with two extra -1 slots to exercise static
-    padding.
+    padding. The JAX side runs as one compiled program (compiled once per model size and input shape).
     """
     import torch
 
     rows: list[Row] = []
-    x_t = torch.from_numpy(np.ascontiguousarray(np.transpose(images, (0, 3, 1, 2))))
-    x = jnp.asarray(images)
+    x_t = _nchw(images)
     with torch.no_grad():
         trunk_t = torch_model.image_encoder.trunk(x_t)
         neck_t, pos_t = torch_model.image_encoder.neck(trunk_t)
-    trunk = model.image_encoder.trunk(x)
-    for i, (a, b) in enumerate(zip(trunk, trunk_t)):
-        rows.append(compare(f"image_encoder.trunk stage {i}", a, _nhwc(b), "embedding"))
-    neck, pos = model.image_encoder.neck(trunk)
-    for i, (a, b) in enumerate(zip(neck, neck_t)):
-        rows.append(compare(f"image_encoder.neck level {i}", a, _nhwc(b), "embedding"))
-    for i, (a, b) in enumerate(zip(pos, pos_t)):
-        rows.append(compare(f"image_encoder.neck pos_enc {i}", jnp.broadcast_to(a, b.shape[:1] + a.shape[1:]),
-                            _nhwc(b), "positional"))
-
-    feats = model.encode_image(x)
-    with torch.no_grad():
         bo = torch_model.forward_image(x_t)
-    for i, (a, b) in enumerate(zip(feats["backbone_fpn"], bo["backbone_fpn"])):
-        rows.append(compare(f"forward_image backbone_fpn {i}", a, _nhwc(b), "embedding"))
+    b = points.shape[0]
+    pad_pts, pad_lab = pad_points(points, labels, b, 2)
+    graphdef, state = nnx.split(model)
+    j = _jax_image_path(graphdef, state, jnp.asarray(images, jnp.float32), jnp.asarray(pad_pts),
+                        jnp.asarray(pad_lab))
+    for i, (a, r) in enumerate(zip(j["trunk"], trunk_t)):
+        rows.append(compare(f"image_encoder.trunk stage {i}", a, _nhwc(r), "embedding"))
+    for i, (a, r) in enumerate(zip(j["neck"], neck_t)):
+        rows.append(compare(f"image_encoder.neck level {i}", a, _nhwc(r), "embedding"))
+    for i, (a, r) in enumerate(zip(j["pos"], pos_t)):
+        rows.append(compare(f"image_encoder.neck pos_enc {i}", jnp.broadcast_to(a, r.shape[:1] + a.shape[1:]),
+                            _nhwc(r), "positional"))
+    for i, (a, r) in enumerate(zip(j["feats"]["backbone_fpn"], bo["backbone_fpn"])):
+        rows.append(compare(f"forward_image backbone_fpn {i}", a, _nhwc(r), "embedding"))
+    for i, (a, r) in enumerate(zip(j["feats"]["vision_pos_enc"], bo["vision_pos_enc"])):
+        rows.append(compare(f"forward_image vision_pos_enc {i}", jnp.broadcast_to(a, r.shape[:1] + a.shape[1:]),
+                            _nhwc(r), "positional"))
 
     pts_t = torch.from_numpy(points.astype(np.float32))
     lab_t = torch.from_numpy(labels.astype(np.int32))
     with torch.no_grad():
         sparse_t, dense_t = torch_model.sam_prompt_encoder(points=(pts_t, lab_t), boxes=None, masks=None)
-    b = points.shape[0]
-    pad_pts = np.concatenate([points, np.zeros((b, 2, 2), np.float32)], 1)
-    pad_lab = np.concatenate([labels, -np.ones((b, 2), np.int32)], 1)
-    sparse, smask, dense = model.sam_prompt_encoder((jnp.asarray(pad_pts), jnp.asarray(pad_lab)), None, None)
     # Our attended tokens, in order, equal PyTorch's tokens (clicks then its one padding point).
-    sel = np.asarray(sparse)[np.asarray(smask)].reshape(b, -1, sparse.shape[-1])
+    sparse, smask = np.asarray(j["sparse"]), np.asarray(j["sparse_mask"])
+    sel = sparse[smask].reshape(b, -1, sparse.shape[-1]) if smask.sum() % b == 0 else sparse
     rows.append(compare("sam_prompt_encoder sparse (points)", sel, _np(sparse_t), "embedding"))
-    rows.append(compare("sam_prompt_encoder dense", dense, _nhwc(dense_t), "embedding"))
+    rows.append(compare("sam_prompt_encoder dense", j["dense"], _nhwc(dense_t), "embedding"))
 
     with torch.no_grad():
         hr_t = bo["backbone_fpn"][:2]
@@ -163,12 +308,63 @@ def image_path_rows(
             image_embeddings=top_t, image_pe=torch_model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse_t, dense_prompt_embeddings=dense_t, multimask_output=True,
             repeat_image=False, high_res_features=hr_t)
-    out = model.predict_masks(feats, points=jnp.asarray(pad_pts), labels=jnp.asarray(pad_lab), multimask=True)
+    out = j["out"]
     rows.append(compare("sam_mask_decoder low-res mask logits (3)", out["masks"], _np(low_multi_t), "logits"))
     rows.append(compare("sam_mask_decoder iou predictions", out["iou"], _np(ious_t), "score"))
     rows.append(compare("sam_mask_decoder object score logits", out["object_score_logits"], _np(obj_t), "logits"))
     rows.append(compare("obj_ptr (best mask)", out["obj_ptr"], _np(ptr_t), "embedding"))
     return rows
+
+
+def video_rows(predictor, model, frames: np.ndarray, prompts: Sequence[dict], direction: str = "forward",
+               name: str = "video") -> list[Row]:
+    """Track one object through ``frames`` (T, S, S, 3) with :func:`medsam2_jax.tracking.track` (SAM 2's FIFO
+    memory) and with PyTorch's ``SAM2VideoPredictor`` (:func:`torch_video_reference`); one row per visited
+    frame's low-res mask logits, plus the object scores, the IoU predictions and the set of visited frames."""
+    from .memory.bank import BankConfig
+    from .tracking import TrackerConfig, make_prompts, track
+
+    ref = torch_video_reference(predictor, frames, prompts, direction)
+    cfg = TrackerConfig(bank=BankConfig.sam2_fifo())
+    t, s = frames.shape[0], frames.shape[1]
+    packed = make_prompts([list(prompts)], num_frames=t, image_size=s, config=cfg)
+    out = track(model, jnp.asarray(frames, jnp.float32), packed, direction=direction, config=cfg)
+    low = np.asarray(out["low_res_masks"][0])
+    obj = np.asarray(out["object_score_logits"][0]).reshape(t)
+    iou = np.asarray(out["iou"][0]).reshape(t)
+    visited = np.asarray(out["visited"][0]).reshape(t)
+    rows = [compare(f"{name}: frames visited", visited.astype(np.float32), ref["visited"].astype(np.float32),
+                    "score")]
+    both = visited & ref["visited"]
+    for f in np.flatnonzero(both):
+        rows.append(compare(f"{name}: frame {f} low-res mask logits", low[f], ref["low_res_masks"][f], "logits"))
+    rows.append(compare(f"{name}: object score logits", obj[both], ref["object_score_logits"][both], "logits"))
+    rows.append(compare(f"{name}: iou of the chosen mask", iou[both], ref["iou"][both], "score"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- test inputs
+def smooth_image(size: int) -> np.ndarray:
+    """A generated (S, S, 3) RGB image in [0, 1]: a bright disk centred at (0.4 S, 0.45 S), radius 0.15 S, on
+    a gradient. Real images are smooth; random noise alone would not exercise the model the same way."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+    disk = ((xx - 0.4) ** 2 + (yy - 0.45) ** 2 < 0.15 ** 2).astype(np.float32)
+    base = 0.25 + 0.3 * xx + 0.2 * yy
+    return np.clip(np.stack([base + 0.5 * disk, base + 0.3 * disk, base * 0.8 + 0.1 * disk], -1), 0, 1)
+
+
+def moving_disk_clip(size: int, frames: int, seed: int = 0) -> np.ndarray:
+    """(T, S, S, 3) frames in [0, 1]: a soft disk starting at (0.35 S, 0.4 S) and drifting right and down on
+    a colour gradient, with mild noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+    out = []
+    for t in range(frames):
+        cx, cy = 0.35 + 0.02 * t, 0.4 + 0.015 * t
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 0.12 ** 2))
+        img = np.stack([0.2 + 0.7 * blob, 0.3 + 0.4 * blob, 0.8 - 0.6 * blob], -1)
+        out.append(img + 0.03 * rng.standard_normal(img.shape))
+    return np.clip(np.asarray(out, np.float32), 0, 1)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
