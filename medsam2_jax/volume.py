@@ -55,8 +55,11 @@ How the bank carries information across orientations (``bank_scope``)
   This is the paper's "combined input X" whose embeddings the self-sorting bank "orders across
   orientations by confidence and dissimilarity": confident entries of earlier orientations stay in the
   bank while they are dissimilar to the rest, and resampling (eq. 4) draws the entries most similar to the
-  current frame, whatever orientation they came from. The axial pair is thus run twice (stage 1 for the
-  prompts, then inside the combined pass); the encoder features are computed once per axis and reused.
+  current frame, whatever orientation they came from. As in SAM 2, every prompted frame's memory is
+  attended at every step of the pass (so axial frames also see the coronal and sagittal prompts' masks),
+  while a prompted frame's object pointer is used only once the pass has reached it. The axial pair is
+  thus run twice (stage 1 for the prompts, then inside the combined pass); the encoder features are
+  computed once per axis and reused (about 1 MB per frame at S = 256, held for the whole volume).
 * ``"per_orientation"`` (default for ``fifo``): a fresh bank per orientation; information crosses
   orientations only through the derived prompts and the aggregation. This is what SAM 2's FIFO can do
   sensibly (its recency window across an orientation switch would attend to unrelated slices), and the
@@ -360,7 +363,8 @@ class VolumeResult:
 
 def _check_prompt(prompt: Mapping[str, Any], n: int, s: int) -> tuple[int, dict]:
     if not isinstance(prompt, Mapping):
-        raise ValueError(f"prompt must be a dict with 'slice' and points/labels, box or mask, got {type(prompt).__name__}")
+        raise ValueError("prompt must be a dict with 'slice' and points/labels, box or mask, "
+                         f"got {type(prompt).__name__}")
     z = prompt.get("slice", prompt.get("frame"))
     if not isinstance(z, (int, np.integer)) or not 0 <= int(z) < n:
         raise ValueError(f"prompt['slice'] must be an axial slice index in [0, {n - 1}], got {z!r}")
