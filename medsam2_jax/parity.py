@@ -455,3 +455,135 @@ def torch_video_reference(
     finally:
         predictor.track_step = orig_track_step
         predictor._forward_sam_heads = orig_heads
+
+
+# ---------------------------------------------------------------------------------------------- video runs
+def torch_frame_features(predictor, frames: np.ndarray) -> dict[int, tuple]:
+    """Every frame's backbone output, computed as ``SAM2VideoPredictor`` computes it (one frame at a time).
+
+    ``frames`` (T, S, S, 3) normalised. The result can be passed to :func:`torch_video_track` as
+    ``features`` so that several runs over the same clip (different prompts, directions or object-score
+    biases — the image encoder is unaffected by those) encode each frame once.
+    """
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for i in range(frames.shape[0]):
+            image = torch.from_numpy(np.ascontiguousarray(np.transpose(frames[i : i + 1], (0, 3, 1, 2))))
+            out[i] = (image, predictor.forward_image(image))
+    return out
+
+
+def torch_video_track(
+    predictor,
+    frames: np.ndarray,
+    prompts: Sequence[dict],
+    direction: str = "forward",
+    *,
+    features: dict[int, tuple] | None = None,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """PyTorch ``SAM2VideoPredictor`` on one object, with optional precomputed features and timings.
+
+    Same inputs and outputs as :func:`torch_video_reference` (``low_res_masks`` (T, S/4, S/4),
+    ``object_score_logits``, ``iou``, ``visited``), plus ``video_res_masks`` (T, S, S) (what
+    ``propagate_in_video`` yields; -1024 on frames not visited) and ``timing``: ``total_s`` (from the first
+    prompt to the end of propagation: prompting, per-frame image encoding when not cached, memory path,
+    output resizing; the placeholder-JPEG ``init_state`` is excluded), ``encode_s`` (the part of it spent in
+    ``forward_image``) and ``encode_calls``. With ``features`` (from :func:`torch_frame_features`) no frame
+    is encoded again, so ``total_s`` is the propagation alone.
+    """
+    import os
+    import tempfile
+    import time
+
+    import torch
+    from PIL import Image
+
+    if direction not in ("forward", "backward"):
+        raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+    t, s = frames.shape[0], frames.shape[1]
+    ious: dict[int, float] = {}
+    current: dict[str, Any] = {"frame": None, "mask_input": False}
+    enc = {"s": 0.0, "calls": 0}
+    names = ("track_step", "_forward_sam_heads", "forward_image")
+    orig = {k: getattr(predictor, k) for k in names}
+    shadowed = {k: predictor.__dict__[k] for k in names if k in predictor.__dict__}
+
+    def track_step(*args, **kwargs):
+        current["frame"] = kwargs.get("frame_idx", args[0] if args else None)
+        current["mask_input"] = kwargs.get("mask_inputs") is not None
+        return orig["track_step"](*args, **kwargs)
+
+    def heads(*args, **kwargs):
+        out = orig["_forward_sam_heads"](*args, **kwargs)
+        if current["frame"] is not None:
+            iou = out[2]
+            best = iou.max(dim=-1).values if kwargs.get("multimask_output", False) else iou[:, 0]
+            ious[current["frame"]] = 1.0 if current["mask_input"] else float(best[0])
+        return out
+
+    def forward_image(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = orig["forward_image"](*args, **kwargs)
+        enc["s"] += time.perf_counter() - t0
+        enc["calls"] += 1
+        return out
+
+    predictor.track_step = track_step
+    predictor._forward_sam_heads = heads
+    predictor.forward_image = forward_image
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            for i in range(t):
+                Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(os.path.join(tmp, f"{i}.jpg"))
+            state = predictor.init_state(video_path=tmp)
+        state["images"] = torch.from_numpy(np.ascontiguousarray(np.transpose(frames, (0, 3, 1, 2))))
+        state["video_height"] = state["video_width"] = s
+        # init_state cached the placeholder frame 0; with `features` every frame is a cache hit (the
+        # predictor replaces its cache only on a miss).
+        state["cached_features"] = dict(features) if features is not None else {}
+        enc["s"], enc["calls"] = 0.0, 0
+        s4 = s // 4
+        video_res = np.full((t, s, s), -1024.0, np.float32)
+        t0 = time.perf_counter()
+        for pr in prompts:
+            f = int(pr["frame"])
+            if pr.get("mask") is not None:
+                predictor.add_new_mask(state, f, 1, np.asarray(pr["mask"]) > 0)
+            else:
+                pts = pr.get("points")
+                predictor.add_new_points_or_box(
+                    state, f, 1,
+                    points=None if pts is None else np.asarray(pts, np.float32),
+                    labels=None if pts is None else np.asarray(pr["labels"], np.int32),
+                    box=None if pr.get("box") is None else np.asarray(pr["box"], np.float32),
+                )
+        for f, _, masks in predictor.propagate_in_video(state, reverse=(direction == "backward")):
+            video_res[f] = _np(masks)[0, 0]
+        total = time.perf_counter() - t0
+        outs = state["output_dict_per_obj"][0]
+        low = np.full((t, s4, s4), -1024.0, np.float32)
+        obj = np.full((t,), -1024.0, np.float32)
+        iou = np.zeros((t,), np.float32)
+        visited = np.zeros((t,), bool)
+        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            for f, o in outs[key].items():
+                if f not in state["frames_tracked_per_obj"][0]:
+                    continue
+                low[f] = _np(o["pred_masks"])[0, 0]
+                obj[f] = float(_np(o["object_score_logits"]).reshape(-1)[0])
+                iou[f] = ious.get(f, np.nan)
+                visited[f] = True
+        return {
+            "low_res_masks": low, "object_score_logits": obj, "iou": iou, "visited": visited,
+            "video_res_masks": video_res,
+            "timing": {"total_s": total, "encode_s": enc["s"], "encode_calls": enc["calls"]},
+        }
+    finally:
+        for k in names:  # back to the class's methods (or to what the instance had before)
+            if k in shadowed:
+                setattr(predictor, k, shadowed[k])
+            else:
+                delattr(predictor, k)

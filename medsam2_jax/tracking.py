@@ -7,20 +7,27 @@ Design (see the README's design section):
 2. **Prompted frames first.** Every prompted ("conditioning") frame is segmented from its own prompt with no
    memory, as SAM 2's video predictor does for frames that receive clicks, a box or a mask before
    propagation, and encoded into a conditioning memory. Up to ``max_cond_frames`` such frames per object
-   (a static count; unused slots are masked).
+   in static slots (unused slots are masked); by default (``cond_slots="fit"``) there are only as many
+   slots as the most-prompted object needs, so one prompted frame costs memory attention what it costs
+   SAM 2 (a different count of prompted frames compiles once more; ``"max"`` trades that for more work).
 3. **One ``lax.scan`` over a static-length schedule.** Each step reads the memory (conditioning slots, the
    bank of non-conditioning memories, object pointers), runs memory attention, the SAM heads and the memory
    encoder, and updates the bank. Everything is a fixed-size array with validity masks, so shapes never
    change as memory fills and nothing recompiles; memory held is bounded by the bank size, not by the
    sequence length. Directions are data: ``forward`` and ``backward`` use a schedule of T steps (steps past
-   the end are inactive), ``both`` runs forward from the first prompted frame and then, with a fresh bank,
-   backward from it, in T + 1 steps.
+   the end are inactive and skipped by a ``lax.cond``), ``both`` runs forward from the first prompted frame
+   and then, with a fresh bank, backward from it, in T + 1 steps (so the backward pass equals SAM 2's
+   predictor run in reverse on its own, not after a forward run in the same state).
 4. **Objects are a batch.** Several objects share the frame features; every per-object quantity carries a
    leading object axis, and the bank functions are ``vmap``-ped over it.
 
 The non-conditioning memory is a :class:`medsam2_jax.memory.bank.Bank`: with the ``fifo`` policy it holds
 SAM 2's "most recent ``num_maskmem - 1`` frames" and the result equals SAM 2's video predictor; with
 ``self_sorting`` it is the paper's self-sorting memory bank (threshold, dissimilarity TopK, resampling).
+
+Precision: float32 throughout, with stored memories rounded to bfloat16 as SAM 2's video predictor stores
+them (``store_memory_bf16``). :func:`cast_model` makes the image encoder compute in bfloat16 (the rest stays
+float32; see :data:`BF16_MODULES`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from flax import nnx
 
 from .memory import bank as bank_lib
 from .model.position import get_1d_sine_pe
-from .model.sam2 import SAM2, resize_bilinear
+from .model.sam2 import NO_OBJ_SCORE, SAM2, resize_bilinear
 
 Array = jax.Array
 Direction = Literal["forward", "backward", "both"]
@@ -47,7 +54,11 @@ Direction = Literal["forward", "backward", "both"]
 class TrackerConfig:
     """Static settings of the tracker (hashable: a change recompiles, data never does)."""
 
-    max_cond_frames: int = 4  # prompted frames per object (static slots)
+    max_cond_frames: int = 4  # prompted frames per object, at most
+    # Conditioning slots of make_prompts: "fit" = as many as the most-prompted object has (memory attention
+    # reads no empty slot: one prompted frame costs what it costs SAM 2; a new count of prompted frames
+    # compiles once more), "max" = always max_cond_frames (one compile whatever the count, more work).
+    cond_slots: str = "fit"
     max_points: int = 8  # clicks per prompted frame, box corners included (static slots)
     bank: bank_lib.BankConfig = dataclasses.field(default_factory=bank_lib.BankConfig)
     # SAM 2's video predictor stores memory features in bfloat16; round them the same way (halves memory).
@@ -55,6 +66,19 @@ class TrackerConfig:
     descriptor_grid: int = 4  # self-sorting bank: frame descriptor = image embedding averaged over g x g cells
     encode_batch: int = 8  # frames per image-encoder call
     remat: bool = False  # rematerialise each step in the backward pass (training long sequences)
+
+    def __post_init__(self):
+        def bad(field, expected):
+            raise ValueError(f"TrackerConfig.{field}: got {getattr(self, field)!r}, expected {expected}")
+
+        for name in ("max_cond_frames", "max_points", "descriptor_grid", "encode_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "an int >= 1")
+        if self.cond_slots not in ("fit", "max"):
+            bad("cond_slots", "'fit' or 'max'")
+        if not isinstance(self.bank, bank_lib.BankConfig):
+            bad("bank", "a memory.bank.BankConfig")
 
 
 @flax.struct.dataclass
@@ -86,13 +110,31 @@ def make_prompts(
 ) -> Prompts:
     """Validate and pack prompts. ``objects[i]`` is a list of prompts of object i, each a dict with
     ``frame`` and one of: ``points`` (n, 2) with ``labels`` (n,), ``box`` (4,) xyxy (optionally with
-    points), or ``mask`` (S, S) binary. Raises ``ValueError`` naming the object, frame and argument."""
+    points), or ``mask`` (S, S) binary. Raises ``ValueError`` naming the object, frame and argument.
+
+    The prompts get ``config.max_cond_frames`` conditioning slots per object with
+    ``config.cond_slots == "max"``, else (``"fit"``) as many as the most-prompted object has."""
+    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool):
+        raise ValueError(f"num_frames must be an int, got {num_frames!r}")
     if num_frames < 1:
-        raise ValueError("the sequence is empty: num_frames must be >= 1")
+        raise ValueError(f"the sequence is empty: num_frames must be >= 1, got {num_frames}")
+    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or image_size <= 0:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if isinstance(objects, dict) or any(isinstance(o, dict) for o in objects):
+        raise ValueError("objects must be a list of objects, each a list of prompt dicts; got a dict where an "
+                         "object was expected (wrap one object's prompts in a list: [[{...}]])")
+    objects = [list(o) for o in objects]
     if not objects:
         raise ValueError("no objects given: pass at least one object with at least one prompt")
-    kc, p, s = config.max_cond_frames, config.max_points, image_size
+    for i, prompts in enumerate(objects):
+        for j, pr in enumerate(prompts):
+            if not isinstance(pr, dict):
+                raise ValueError(f"object {i}, prompt {j}: expected a dict with 'frame' and points/box/mask, "
+                                 f"got {type(pr).__name__}")
+    p, s = config.max_points, int(image_size)
     b = len(objects)
+    most = max((len(o) for o in objects), default=1)
+    kc = config.max_cond_frames if config.cond_slots == "max" else max(1, min(most, config.max_cond_frames))
     frame_idx = np.zeros((b, kc), np.int32)
     valid = np.zeros((b, kc), bool)
     coords = np.zeros((b, kc, p, 2), np.float32)
@@ -186,6 +228,7 @@ def encode_frames(model: SAM2, frames: Array, batch: int = 8, progress: bool = F
     Returns ``{"fpn": [3 levels with a leading T axis], "pos": [3 position encodings, leading axis 1]}``;
     the position encodings do not depend on the frame, so one copy is kept.
     """
+    frames = as_frames(frames)
     model.check_images(frames)
     t = frames.shape[0]
     graphdef, state = nnx.split(model)
@@ -356,6 +399,27 @@ def make_schedule(first_frame: Array, num_frames: int, direction: Direction) -> 
     return {"frame": frames.T, "dir": dirs.T.astype(jnp.int32), "active": active.T, "reset": reset.T}
 
 
+def initial_carry(model: SAM2, num_objects: int, grid: int, cfg: TrackerConfig) -> tuple[bank_lib.Bank, dict]:
+    """The scan's carry before the first step: B empty banks and B empty pointer rings.
+
+    Its size depends on the model, B, ``cfg.bank.K`` and the descriptor grid, never on the sequence length.
+    """
+    h = model.image_size // 16
+    payload_example = {
+        "maskmem": jnp.zeros((h, h, model.mem_dim), jnp.float32),
+        "obj_ptr": jnp.zeros((model.hidden_dim,), jnp.float32),
+    }
+    desc_dim = grid * grid * model.hidden_dim
+    bank0 = jax.vmap(lambda _: bank_lib.init(cfg.bank.K, payload_example, desc_dim))(jnp.arange(num_objects))
+    r = model.max_obj_ptrs_in_encoder - 1
+    ring0 = {
+        "ptr": jnp.zeros((num_objects, r, model.hidden_dim), jnp.float32),
+        "frame": jnp.zeros((num_objects, r), jnp.int32),
+        "valid": jnp.zeros((num_objects, r), bool),
+    }
+    return bank0, ring0
+
+
 def propagate(
     model: SAM2,
     feats: dict[str, Any],
@@ -370,7 +434,22 @@ def propagate(
     ``object_score_logits``, and ``visited`` (whether the frame was reached in this direction); and
     ``trace``: per scan step (steps, B, ...) the frame, activity, IoU, and the bank's frame ids, validity and
     confidences after the step, and which bank slots the step read.
+
+    Steps where no object is active (past the sequence's end in ``forward`` / ``backward``) are skipped by a
+    ``lax.cond`` (under ``vmap`` both branches run; the result is the same).
     """
+    return propagate_with_carry(model, feats, prompts, key, cfg, direction)[0]
+
+
+def propagate_with_carry(
+    model: SAM2,
+    feats: dict[str, Any],
+    prompts: Prompts,
+    key: Array,
+    cfg: TrackerConfig,
+    direction: Direction = "forward",
+) -> tuple[dict[str, Array], tuple[bank_lib.Bank, dict]]:
+    """:func:`propagate`, also returning the scan's final carry (the banks and pointer rings)."""
     top_all = feats["fpn"][-1]
     t, h, w, c = top_all.shape
     b, kc = prompts.frame_idx.shape
@@ -380,23 +459,12 @@ def propagate(
     sched = make_schedule(first, t, direction)
 
     bcfg = cfg.bank
-    k = bcfg.K
-    r = model.max_obj_ptrs_in_encoder - 1
-    payload_example = {
-        "maskmem": jnp.zeros((h, w, model.mem_dim), jnp.float32),
-        "obj_ptr": jnp.zeros((model.hidden_dim,), jnp.float32),
-    }
     grid = descriptor_grid(h, cfg.descriptor_grid)
-    desc_dim = grid * grid * c
-    bank0 = jax.vmap(lambda _: bank_lib.init(k, payload_example, desc_dim))(jnp.arange(b))
-    ring0 = {
-        "ptr": jnp.zeros((b, r, model.hidden_dim), jnp.float32),
-        "frame": jnp.zeros((b, r), jnp.int32),
-        "valid": jnp.zeros((b, r), bool),
-    }
+    bank0, ring0 = initial_carry(model, b, grid, cfg)
     s4 = model.image_size // 4
+    t_diff_max = max(min(t, model.max_obj_ptrs_in_encoder) - 1, 1)
 
-    def step(carry, xs):
+    def run(carry, xs):
         bank, ring = carry
         frame, dirn, active, reset, step_key = xs
         bank = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), bank, bank0)
@@ -406,7 +474,6 @@ def propagate(
         desc = bank_lib.make_descriptor(top, grid)
 
         keys = jax.random.split(step_key, b)
-        t_diff_max = max(min(t, model.max_obj_ptrs_in_encoder) - 1, 1)
         if bcfg.policy == "fifo":
             # SAM 2: the non-conditioning frames 1..num_maskmem-1 steps back, the pointers of the frames up to
             # t_diff_max steps back (both skip prompted frames, which are in the conditioning slots).
@@ -444,43 +511,63 @@ def propagate(
         enters = active & ~is_cond
         conf = out["iou"]
         new_bank = jax.vmap(lambda bk, p, d, cf, f: bank_lib.update(bk, p, d, cf, f, bcfg))(
-            bank, {"maskmem": mem, "obj_ptr": out["obj_ptr"]}, desc, conf, frame
+            bank, {"maskmem": mem.astype(jnp.float32), "obj_ptr": out["obj_ptr"].astype(jnp.float32)}, desc, conf,
+            frame,
         )
         bank = jax.tree.map(lambda new, old: jnp.where(_bcast(enters, new), new, old), new_bank, bank)
         ring = {
-            "ptr": jnp.where(enters[:, None, None], _push(ring["ptr"], out["obj_ptr"]), ring["ptr"]),
+            "ptr": jnp.where(enters[:, None, None], _push(ring["ptr"], out["obj_ptr"].astype(jnp.float32)),
+                             ring["ptr"]),
             "frame": jnp.where(enters[:, None], _push(ring["frame"], frame), ring["frame"]),
             "valid": jnp.where(enters[:, None], _push(ring["valid"], jnp.ones((b,), bool)), ring["valid"]),
         }
         y = {
-            "low_res_masks": low, "iou": iou, "object_score_logits": obj, "frame": frame, "active": active,
+            "low_res_masks": low.astype(jnp.float32), "iou": iou.astype(jnp.float32),
+            "object_score_logits": obj.astype(jnp.float32), "frame": frame, "active": active,
             # What the bank holds after this step (small; for diagnostics and tests).
             "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
             "read_valid": view_valid,
         }
         return (bank, ring), y
 
+    def skip(carry, xs):
+        # No object is active at this step: nothing is read or written; the outputs are dropped later.
+        bank, _ = carry
+        frame, _, active, _, _ = xs
+        y = {
+            "low_res_masks": jnp.full((b, s4, s4), NO_OBJ_SCORE, jnp.float32),
+            "iou": jnp.zeros((b,), jnp.float32),
+            "object_score_logits": jnp.full((b,), NO_OBJ_SCORE, jnp.float32),
+            "frame": frame, "active": active,
+            "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
+            "read_valid": jnp.zeros(bank.valid.shape, bool),
+        }
+        return carry, y
+
+    def step(carry, xs):
+        return jax.lax.cond(jnp.any(xs[2]), run, skip, carry, xs)
+
     if cfg.remat:
         step = jax.checkpoint(step)
     n_steps = sched["frame"].shape[0]
     keys = jax.random.split(key, n_steps)
-    _, ys = jax.lax.scan(
+    carry, ys = jax.lax.scan(
         step, (bank0, ring0), (sched["frame"], sched["dir"], sched["active"], sched["reset"], keys)
     )
     # Scatter the steps back to frame order; inactive steps are dropped.
     tgt = jnp.where(ys["active"], ys["frame"], t)  # (steps, B)
     bidx = jnp.broadcast_to(jnp.arange(b)[None], tgt.shape)
     res = {
-        "low_res_masks": jnp.full((b, t, s4, s4), -1024.0, jnp.float32),
+        "low_res_masks": jnp.full((b, t, s4, s4), NO_OBJ_SCORE, jnp.float32),
         "iou": jnp.zeros((b, t), jnp.float32),
-        "object_score_logits": jnp.full((b, t), -1024.0, jnp.float32),
+        "object_score_logits": jnp.full((b, t), NO_OBJ_SCORE, jnp.float32),
     }
     res = {kk: v.at[bidx, tgt].set(ys[kk], mode="drop") for kk, v in res.items()}
     res["visited"] = jnp.zeros((b, t), bool).at[bidx, tgt].set(True, mode="drop")
     # Per-step trace in processing order, (steps, B, ...): frame, activity and the bank's content.
     res["trace"] = {kk: ys[kk] for kk in ("frame", "active", "iou", "bank_frame", "bank_valid", "bank_confidence",
                                           "read_valid")}
-    return res
+    return res, carry
 
 
 def _bcast(flag: Array, like: Array) -> Array:
@@ -492,9 +579,102 @@ def _push(ring: Array, new: Array) -> Array:
     return jnp.concatenate([ring[:, 1:], new[:, None]], axis=1)
 
 
+# Python-side trace counter of the jitted propagation, per direction (tests check that data never retraces).
+TRACE_COUNTS: dict[str, int] = {"forward": 0, "backward": 0, "both": 0}
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "direction"))
 def _propagate_jit(graphdef, state, feats, prompts, key, cfg, direction):
+    TRACE_COUNTS[direction] = TRACE_COUNTS.get(direction, 0) + 1  # runs only while tracing
     return propagate(nnx.merge(graphdef, state), feats, prompts, key, cfg, direction)
+
+
+def as_frames(frames: Any) -> Array:
+    """Frames as one (T, S, S, 3) array, with clear errors for an empty sequence, a wrong rank or frames of
+    different sizes (a list of frames is stacked)."""
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise ValueError("frames is an empty sequence: give at least one (S, S, 3) frame")
+        shapes = [tuple(np.shape(f)) for f in frames]
+        if len(set(shapes)) > 1:
+            odd = next(i for i, sh in enumerate(shapes) if sh != shapes[0])
+            raise ValueError(f"frames have different sizes: frame 0 is {shapes[0]}, frame {odd} is {shapes[odd]}; "
+                             "resize every frame to the model's S x S first")
+        frames = jnp.stack([jnp.asarray(f) for f in frames])
+    frames = jnp.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be a (T, S, S, 3) array, got shape {tuple(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise ValueError(f"the sequence is empty: frames has shape {tuple(frames.shape)}, T must be >= 1")
+    return frames
+
+
+def check_prompts(prompts: Prompts, num_frames: int, image_size: int) -> None:
+    """Host-side checks that ``prompts`` fit a sequence of ``num_frames`` frames of ``image_size`` (clear
+    errors for hand-built :class:`Prompts`; :func:`make_prompts` output passes when built for the same T)."""
+    fi = np.asarray(prompts.frame_idx)
+    valid = np.asarray(prompts.valid)
+    if fi.ndim != 2 or valid.shape != fi.shape:
+        raise ValueError(f"prompts.frame_idx and prompts.valid must be (B, slots), got {fi.shape} and {valid.shape}")
+    b, kc = fi.shape
+    for name, want in (("point_coords", (b, kc, None, 2)), ("point_labels", (b, kc, None)),
+                       ("mask", (b, kc, image_size, image_size)), ("mask_valid", (b, kc))):
+        got = tuple(np.shape(getattr(prompts, name)))
+        if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+            shown = tuple("P" if w is None else w for w in want)
+            raise ValueError(f"prompts.{name} has shape {got}, expected {shown} (built for another image size or "
+                             "object count? use make_prompts with this model's image_size)")
+    for i in range(b):
+        if not valid[i].any():
+            raise ValueError(f"object {i} was never prompted: it has no valid prompt slot")
+        bad = fi[i][valid[i] & ((fi[i] < 0) | (fi[i] >= num_frames))]
+        if bad.size:
+            raise ValueError(f"object {i}: a prompt is on frame {int(bad[0])}, outside the sequence "
+                             f"[0, {num_frames - 1}]")
+
+
+def propagate_jit(
+    model: SAM2,
+    feats: dict[str, Any],
+    prompts: Prompts,
+    *,
+    config: TrackerConfig = TrackerConfig(),
+    direction: Direction = "forward",
+    key: Array | None = None,
+) -> dict[str, Array]:
+    """:func:`propagate`, jitted (one compile per model structure, config, direction and shapes; weights,
+    prompts, prompted frames and prompt types are data)."""
+    if direction not in ("forward", "backward", "both"):
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    check_prompts(prompts, feats["fpn"][-1].shape[0], model.image_size)
+    key = jax.random.key(0) if key is None else key
+    graphdef, state = nnx.split(model)
+    return _propagate_jit(graphdef, state, feats, prompts, key, config, direction)
+
+
+# Submodules whose parameters the bfloat16 path casts: the image encoder, where the FLOPs are. The memory path
+# and the SAM heads stay float32: they read float32 features (SAM 2's FPN sums in float32, position encodings
+# are float32 constants), so bf16 weights there would only be promoted back, and the two-way transformer's
+# attention needs queries and keys of one dtype.
+BF16_MODULES = ("image_encoder",)
+
+
+def cast_model(model: SAM2, dtype: Any, modules: Sequence[str] | None = BF16_MODULES) -> SAM2:
+    """A copy of ``model`` whose floating-point parameters and buffers in the top-level submodules ``modules``
+    (all of them if None) are ``dtype``, e.g. ``jnp.bfloat16``.
+
+    Frames fed to it should be cast the same way. With the default ``modules`` the image encoder computes in
+    ``dtype`` and everything after it in float32 (see :data:`BF16_MODULES`)."""
+    graphdef, state = nnx.split(model)
+    names = None if modules is None else tuple(modules)
+
+    def cast(path, a):
+        top = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+        if names is not None and top not in names:
+            return a
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, state))
 
 
 def track(
@@ -515,16 +695,9 @@ def track(
     """
     if direction not in ("forward", "backward", "both"):
         raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
-    frames = jnp.asarray(frames)
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise ValueError(f"frames must be a non-empty (T, S, S, 3) array, got shape {frames.shape}")
-    t = frames.shape[0]
-    if int(jnp.max(prompts.frame_idx)) >= t:
-        raise ValueError(f"a prompt is on frame {int(jnp.max(prompts.frame_idx))}, outside the {t} frames")
-    if prompts.mask.shape[-1] != model.image_size:
-        raise ValueError(
-            f"prompts were built for image_size={prompts.mask.shape[-1]}, the model has {model.image_size}"
-        )
+    frames = as_frames(frames)
+    model.check_images(frames)
+    check_prompts(prompts, frames.shape[0], model.image_size)
     feats = encode_frames(model, frames, batch=config.encode_batch, progress=progress)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)
