@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -72,12 +73,18 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Unsupported global" not in str(e):  # not a pickle at all, or a damaged one
+            raise CheckpointError(
+                f"{path}: cannot be read as a PyTorch checkpoint (neither a zip archive nor a pickle written by "
+                f"torch.save; {size:,} bytes). Is it the right file, and complete?"
+            ) from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(
-            f"{path}: holds Python objects other than tensors and containers ({msg}); "
-            "save only the weights: torch.save({'model': model.state_dict()}, FILE)"
+            f"{path}: holds Python objects other than tensors and containers "
+            f"({found.group(1) if found else 'a pickled class'}), which are not loaded for safety; save only "
+            "the weights: torch.save({'model': model.state_dict()}, FILE)"
         ) from None
-    except Exception as e:  # truncated zip, not a torch file at all
+    except Exception as e:  # truncated zip, unreadable file
         raise CheckpointError(
             f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"Is the file complete ({size:,} bytes here; compare with the published size) and written by "
@@ -247,7 +254,7 @@ def export_torch_checkpoint(model: SAM2, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     sd = export_torch_state_dict(model)
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, path)
+    torch.save({"model": {k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}}, path)
     return path
 
 
