@@ -55,12 +55,8 @@ FEATURES = ("memory", "descriptor", "image")
 
 
 # ---------------------------------------------------------------------------------------------- models
-def quick_random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 256, seed: int = 0,
-                       object_bias: float = 0.0) -> SAM2:
-    """A random model like :func:`medsam2_jax.api.random_model` (initialisation + ``0.02 N(0, 1)`` on
-    every parameter) with the noise drawn by NumPy, which avoids one XLA compile per parameter shape
-    (about 2x faster to build on CPU). ``object_bias`` is added to the object-score head's last bias: a
-    random model usually scores the object absent (every mask -1024); ``+2`` makes it present."""
+@functools.lru_cache(maxsize=2)
+def _random_state_dict(model_name: str, image_size: int, seed: int) -> dict[str, np.ndarray]:
     from . import api, weights
 
     model = api.build_model(model_name, image_size, seed=seed)
@@ -68,6 +64,24 @@ def quick_random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 256
     for e in weights.iter_entries(model):
         v = np.asarray(e.variable.get_value())
         e.variable.set_value(jnp.asarray(v + 0.02 * rng.standard_normal(v.shape).astype(v.dtype)))
+    sd = weights.export_state_dict(model)
+    for v in sd.values():
+        v.setflags(write=False)
+    return sd
+
+
+def quick_random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 256, seed: int = 0,
+                       object_bias: float = 0.0) -> SAM2:
+    """A random model: the modules' own initialisation plus ``0.02 N(0, 1)`` on every parameter (what
+    ``api.random_model`` drew before it moved to a PyTorch-style NumPy initialisation; this one gives
+    livelier IoU and object scores, which the bank's tests rely on). Building it initialises eagerly (one
+    small XLA compile per parameter shape: slow on CPU), so the values are cached per process and every
+    call returns a fresh model loaded from them. ``object_bias`` is added to the object-score head's last
+    bias (``+2`` makes the object present, so masks are not all -1024)."""
+    from . import api, weights
+
+    model = api.build_model(model_name, image_size, abstract=True)
+    weights.load_state_dict(model, _random_state_dict(model_name, int(image_size), int(seed)), source="random")
     if object_bias:
         head = model.sam_mask_decoder.pred_obj_score_head
         last = head.layers[len(head.layers) - 1] if hasattr(head, "layers") else head

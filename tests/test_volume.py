@@ -76,6 +76,21 @@ def test_linear_frames_and_errors():
         volume.VolumeConfig(orientations=("axial", "axial"))
 
 
+def test_bad_volume_inputs_are_named():
+    from types import SimpleNamespace
+
+    tiny = SimpleNamespace(image_size=16)  # the checks run before anything touches the model
+    img = np.zeros((4, 16, 16, 3), np.float32)
+    with pytest.raises(ValueError, match=r"prompt\['slice'\] must be an axial slice index in \[0, 3\], got 4"):
+        volume.segment_volume(tiny, img, {"slice": 4, "points": [[1, 1]], "labels": [1]})
+    with pytest.raises(ValueError, match="unknown keys"):
+        volume.segment_volume(tiny, img, {"slice": 0, "point": [[1, 1]]})
+    with pytest.raises(ValueError, match=r"prompt\['mask'\] must be 16x16"):
+        volume.segment_volume(tiny, img, {"slice": 0, "mask": np.ones((8, 8))})
+    with pytest.raises(ValueError, match=r"\(n, 16, 16, 3\)"):
+        volume.segment_volume(tiny, img[..., :1], {"slice": 0, "mask": np.ones((16, 16))})
+
+
 def test_aggregation_of_identical_predictions_is_identity():
     rng = np.random.default_rng(0)
     p = rng.uniform(size=(4, 8, 8)).astype(np.float32)
