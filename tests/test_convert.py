@@ -448,3 +448,45 @@ def test_parity_cli_passes_with_video(ckpt, converted):
     assert all(row["ok"] for row in rows)
     assert sum(n.startswith("video (3 frames): frame ") and "mask logits" in n for n in names) == 3
     assert any(n.startswith("box, one mask") for n in names) and any(n.startswith("box + click") for n in names)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def test_public_api_is_lazy_and_complete():
+    r = subprocess.run([sys.executable, "-c", "import sys, medsam2_jax as m; print('jax' in sys.modules, "
+                        "' '.join(m.__all__))"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    loaded_jax, names = r.stdout.split(maxsplit=1)
+    assert loaded_jax == "False"  # `import medsam2_jax` stays fast: nothing heavy until a name is used
+    import medsam2_jax
+
+    for name in ("load_model", "save_model", "build_model", "random_model", "SAM2", "normalize_images",
+                 "track", "make_prompts", "TrackerConfig", "BankConfig"):
+        assert name in names.split() and getattr(medsam2_jax, name) is not None
+    assert medsam2_jax.load_model is api.load_model and medsam2_jax.SAM2.predict_masks is not None
+    assert callable(medsam2_jax.SAM2.encode_image)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        medsam2_jax.nope  # noqa: B018
+
+
+def test_public_api_bad_input(converted):
+    """Clear errors from ``model.encode_image`` / ``model.predict_masks`` before any computation."""
+    import jax.numpy as jnp
+
+    out, _ = converted
+    model = api.load_model(out)
+    with pytest.raises(ValueError, match="rank|(B, H, W, 3)"):
+        model.encode_image(jnp.zeros((S, S, 3)))
+    with pytest.raises((ValueError, TypeError), match="floating point"):
+        model.encode_image(jnp.zeros((1, S, S, 3), jnp.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.encode_image(jnp.zeros((1, 100, 100, 3)))
+    with pytest.raises(ValueError, match=f"must be {S}x{S} for this model"):
+        model.encode_image(jnp.zeros((1, 2 * S, 2 * S, 3)))
+    feats = parity.jax_encode(model, np.zeros((1, S, S, 3), np.float32))
+    with pytest.raises(ValueError, match="points must lie inside the image"):
+        model.predict_masks(feats, points=np.array([[[S + 10.0, 5.0]]], np.float32), labels=np.array([[1]]))
+    with pytest.raises(ValueError, match="boxes must lie inside the image"):
+        model.predict_masks(feats, boxes=np.array([[-3.0, 0.0, 10.0, 10.0]], np.float32))
+    with pytest.raises(ValueError, match="mask_inputs must be"):
+        model.predict_masks(feats, mask_inputs=np.zeros((1, S, S), np.float32))
