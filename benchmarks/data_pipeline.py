@@ -1,7 +1,7 @@
-"""Input-pipeline throughput: training sequences per second with 0, 1 and 2 grain workers.
+"""Input-pipeline throughput: training sequences per second with 0, 1 and 2 grain workers, against the model.
 
-    python benchmarks/data_pipeline.py                       # S=256, T=8, phantoms, JSON to out/bench/
-    python benchmarks/data_pipeline.py --workers 0 2 --batches 20 --source memory
+    python benchmarks/data_pipeline.py                       # S=256, T=8, phantoms, hiera_t, JSON to out/bench/
+    python benchmarks/data_pipeline.py --workers 0 2 --batches 20 --source memory --model none
 
 The question it answers (issue 5, item 9): is the pipeline fast enough that a training step never waits
 for it? Each configuration builds the real pipeline (:mod:`medsam2_jax.data.pipeline`: balanced sampling,
@@ -16,9 +16,24 @@ augmentation, prompts) is printed too, to show where the time goes.
 Comparison with the model: :func:`run` takes ``model_step``, a callable that runs the model's forward and
 backward pass on one batch (the dict the pipeline yields) and returns something ``jax.block_until_ready``
 accepts. When given, it is compiled on the first batch, timed on the next ones, and the table shows the
-model's sequences/s next to the pipeline's and their ratio (> 1: the pipeline keeps up). The lead wires it
-to the training step once the model exists; from the command line, ``--model-step module:function``
-imports such a callable.
+model's sequences/s next to the pipeline's and their ratio (> 1: the pipeline keeps up). By default it is
+:func:`make_model_step` (``--model sam2.1_hiera_t``, a random model at the same S): per sequence of the
+batch, encode the T frames, propagate from the prompted frames with the paper's self-sorting memory bank,
+BCE + Dice of the low-res logits against the downsampled masks, ``jax.grad`` w.r.t. the ``nnx.Param`` s —
+a stand-in for the training step (the training issue builds the real one; this one has no optimizer
+update). ``--model-step module:function`` imports another callable; ``--model none`` skips the model.
+
+Then, because a separate throughput number does not show contention (the workers and the model share the
+CPUs of this machine), the pipeline with the most workers is run *while* the model trains on its batches
+(``overlap``): the time the loop spends in ``next(it)`` is what a training step waits for the data.
+
+Measured (2 CPU cores shared with other jobs, load average ~7; S=256, T=8, B=2, phantoms 192x192x48, hiera_t,
+CPU only): the pipeline gives 2.3 / 2.4 / 2.6 sequences/s with 0 / 1 / 2 workers (reading and preprocessing a
+case, ~0.3 s, dominates: 8 cases and a cache of 2; already preprocessed in-memory cases give ~9 sequences/s);
+the model's forward + backward pass takes ~114 s per sequence (compile ~600 s), so the pipeline is ~300x
+faster than the model here and the training loop waited 0.01 s of 747 s for data. On an accelerator the
+model step is orders of magnitude faster; rerun there and give the pipeline enough workers (and cache) for
+its sequences/s to exceed the model's.
 """
 
 from __future__ import annotations
@@ -118,7 +133,12 @@ def stage_profile(source: pl.CaseSource, cfg: pl.PipelineConfig, n: int) -> dict
     }
 
 
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def time_pipeline(source, cfg: pl.PipelineConfig, batches: int) -> dict:
+    _log(f"pipeline, {cfg.num_workers} worker(s): {batches} batches")
     t0 = time.perf_counter()
     it = pl.make_iterator(source, cfg)
     next(it)  # start-up: worker processes, first loads
@@ -132,15 +152,134 @@ def time_pipeline(source, cfg: pl.PipelineConfig, batches: int) -> dict:
             "sequences": seqs, "sequences_per_s": seqs / (t2 - t1)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The model's forward + backward pass on a pipeline batch (a stand-in for the training step).
+
+#: The batch fields the model step reads (the others stay on the host).
+MODEL_KEYS = ("images", "masks", "frame_valid", "point_coords", "point_labels", "mask_inputs", "mask_valid",
+              "prompted")
+
+
+def batch_to_prompts(batch: dict, num_slots: int):
+    """The pipeline's per-frame prompt arrays -> ``tracking.Prompts`` with one object per sequence.
+
+    ``batch``: (B, T, ...) arrays. The first ``num_slots`` prompted frames (in frame order; frame 0, the
+    initial mask / click / box, always is one) become the conditioning slots; the others are dropped. Jit-able.
+    Returns Prompts with leading axes (B, 1 object, num_slots).
+    """
+    import jax.numpy as jnp
+
+    from medsam2_jax.tracking import Prompts
+
+    prompted = batch["prompted"] & batch["frame_valid"]
+    order = jnp.argsort(~prompted, axis=1, stable=True)[:, :num_slots]  # prompted frames first, in order
+    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    return Prompts(
+        frame_idx=order[:, None].astype(jnp.int32),
+        valid=take(prompted)[:, None],
+        point_coords=take(batch["point_coords"])[:, None],
+        point_labels=take(batch["point_labels"])[:, None],
+        mask=take(batch["mask_inputs"])[:, None],
+        mask_valid=(take(batch["mask_valid"]) & take(prompted))[:, None],
+    )
+
+
+def downsample_masks(masks, factor: int = 4):
+    """(..., S, S) bool -> (..., S/f, S/f) float32: the fraction of each f x f cell inside the mask."""
+    s = masks.shape[-1]
+    m = masks.astype("float32").reshape(masks.shape[:-2] + (s // factor, factor, s // factor, factor))
+    return m.mean(axis=(-3, -1))
+
+
+def bce_dice_loss(logits, object_logits, target, valid, eps: float = 1.0):
+    """SAM 2's kind of loss over the valid frames of (B, T) sequences.
+
+    ``logits`` / ``target`` (B, T, h, w): pixel-mean BCE with logits + soft Dice, on the frames where the
+    target is present (as SAM 2's training loss, which multiplies the mask losses by the object's presence:
+    where the object is absent the model's masks are the constant -1024); ``object_logits`` (B, T): BCE of
+    the object score against presence, on every valid frame. Each term is averaged over its frames.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    present = (target.sum(axis=(-2, -1)) > 0).astype(jnp.float32)
+    w = valid.astype(jnp.float32)
+    wm = w * present
+    bce = optax.sigmoid_binary_cross_entropy(logits, target).mean(axis=(-2, -1))
+    p = jax.nn.sigmoid(logits)
+    inter, total = (p * target).sum(axis=(-2, -1)), p.sum(axis=(-2, -1)) + target.sum(axis=(-2, -1))
+    dice = 1.0 - (2.0 * inter + eps) / (total + eps)
+    obj = optax.sigmoid_binary_cross_entropy(object_logits, present)
+    return ((bce + dice) * wm).sum() / jnp.maximum(wm.sum(), 1.0) + (obj * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def make_model_step(model_name: str = "sam2.1_hiera_t", image_size: int = 256, *, num_slots: int = 2,
+                    seed: int = 0, tracker_config=None, object_bias: float = 4.0) -> Callable[[dict], Any]:
+    """A callable ``step(batch) -> (loss, grads)`` running a jitted forward + backward pass of a random
+    ``model_name`` at ``image_size`` on a pipeline batch (see the module docstring); ``grads`` has the
+    structure of the model's ``nnx.Param`` state. ``num_slots``: conditioning frames per sequence.
+
+    ``object_bias`` is added to the object-score head's output bias. A random model scores every object as
+    absent, and then its masks are the constant -1024 and no gradient flows through them; with the bias the
+    objects are present, as a trained model finds a visible target. The cost of a step is the same either
+    way (both branches are computed); only the gradient's values differ.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from medsam2_jax import api, tracking
+
+    model = api.random_model(model_name, image_size, seed=seed)
+    head_bias = model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
+    head_bias.set_value(head_bias.get_value() + object_bias)
+    tcfg = tracking.TrackerConfig(max_cond_frames=num_slots) if tracker_config is None else tracker_config
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def sequence_logits(m, fpn, pos, prompts, key):
+        # one sequence: frames (T, ...), one object
+        out = tracking.propagate(m, {"fpn": fpn, "pos": pos}, prompts, key, tcfg, "forward")
+        return out["low_res_masks"][0], out["object_score_logits"][0]
+
+    def loss_fn(p, r, batch, key):
+        m = nnx.merge(graphdef, p, r)
+        b, t = batch["images"].shape[:2]
+        enc = m.encode_image(batch["images"].reshape((b * t,) + batch["images"].shape[2:]))
+        fpn = [f.reshape((b, t) + f.shape[1:]) for f in enc["backbone_fpn"]]
+        pos = [q[:1] for q in enc["vision_pos_enc"]]
+        prompts = batch_to_prompts(batch, tcfg.max_cond_frames)
+        keys = jax.random.split(key, b)
+        logits, obj = jax.vmap(sequence_logits, in_axes=(None, 0, None, 0, 0))(m, fpn, pos, prompts, keys)
+        target = downsample_masks(batch["masks"], 4)
+        return bce_dice_loss(logits, obj, target, batch["frame_valid"])
+
+    @jax.jit
+    def grad_step(p, r, batch, key):
+        return jax.value_and_grad(loss_fn)(p, r, batch, key)
+
+    counter = [0]
+
+    def step(batch: dict):
+        arrays = {k: jnp.asarray(batch[k]) for k in MODEL_KEYS}
+        counter[0] += 1
+        return grad_step(params, rest, arrays, jax.random.key(counter[0]))
+
+    step.params = params  # for callers that inspect the gradient's structure
+    return step
+
+
 def time_model(source, cfg: pl.PipelineConfig, model_step: Callable[[dict], Any], batches: int) -> dict:
     import jax
 
     it = pl.make_iterator(source, dataclasses.replace(cfg, num_workers=0))
     data = [next(it) for _ in range(batches + 1)]
     it.close()
+    _log("model step: compiling on the first batch")
     t = time.perf_counter()
     jax.block_until_ready(model_step(data[0]))  # compile
     compile_s = time.perf_counter() - t
+    _log(f"model step: compiled in {compile_s:.0f} s; timing {batches} batches")
     t = time.perf_counter()
     for b in data[1:]:
         jax.block_until_ready(model_step(b))
@@ -148,6 +287,26 @@ def time_model(source, cfg: pl.PipelineConfig, model_step: Callable[[dict], Any]
     seqs = batches * cfg.batch_size
     return {"compile_s": compile_s, "seconds": dt, "sequences": seqs, "sequences_per_s": seqs / dt,
             "seconds_per_sequence": dt / seqs}
+
+
+def time_overlapped(source, cfg: pl.PipelineConfig, model_step: Callable[[dict], Any], batches: int) -> dict:
+    """Train on the pipeline's batches (``model_step`` already compiled) and measure the waits for data."""
+    import jax
+
+    _log(f"training on the pipeline ({cfg.num_workers} worker(s)): {batches} batches")
+    it = pl.make_iterator(source, cfg)
+    jax.block_until_ready(model_step(next(it)))  # start-up, outside the timing
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        t = time.perf_counter()
+        b = next(it)
+        wait += time.perf_counter() - t
+        jax.block_until_ready(model_step(b))
+    total = time.perf_counter() - t0
+    it.close()
+    return {"workers": cfg.num_workers, "seconds": total, "data_wait_s": wait, "wait_fraction": wait / total,
+            "sequences_per_s": batches * cfg.batch_size / total}
 
 
 def run(
@@ -164,6 +323,7 @@ def run(
     profile_sequences: int = 10,
     model_step: Optional[Callable[[dict], Any]] = None,
     model_batches: int = 3,
+    overlap_batches: int = 3,
 ) -> dict:
     """Run the benchmark and return the results dict (see the module docstring for ``model_step``)."""
     cfg = pl.PipelineConfig(image_size=image_size, batch_size=batch_size, seed=0, cache_size=cache_size,
@@ -180,13 +340,25 @@ def run(
             "config": {"image_size": image_size, "num_frames": num_frames, "batch_size": batch_size,
                        "source": source_kind, "cases": len(source), "phantom_shape": list(phantom_shape),
                        "cache_size": cache_size, "batches_timed": batches},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                        "jax_devices": _jax_devices() if model_step is not None else None},
             "stages_single_process": stage_profile(source, cfg, profile_sequences),
             "pipeline": [time_pipeline(source, dataclasses.replace(cfg, num_workers=w), batches) for w in workers],
         }
         if model_step is not None:
             results["model"] = time_model(source, cfg, model_step, model_batches)
+            if overlap_batches > 0:
+                w = max(workers)
+                results["overlap"] = time_overlapped(source, dataclasses.replace(cfg, num_workers=w), model_step,
+                                                     overlap_batches)
     return results
+
+
+def _jax_devices() -> list:
+    import jax
+
+    return [str(d) for d in jax.devices()]
 
 
 def table(results: dict) -> str:
@@ -201,9 +373,18 @@ def table(results: dict) -> str:
     if "model" in results:
         m = results["model"]
         best = max(r["sequences_per_s"] for r in results["pipeline"])
-        lines.append(f"model forward+backward: {m['sequences_per_s']:.2f} sequences/s "
-                     f"({m['seconds_per_sequence'] * 1e3:.0f} ms/sequence); best pipeline / model = "
+        lines.append(f"model forward+backward ({results['config'].get('model', 'model_step')}): "
+                     f"{m['sequences_per_s']:.2f} sequences/s ({m['seconds_per_sequence'] * 1e3:.0f} ms/sequence, "
+                     f"compile {m['compile_s']:.0f} s); best pipeline / model = "
                      f"{best / m['sequences_per_s']:.2f} (> 1: the pipeline keeps up)")
+        for r in results["pipeline"]:
+            ratio = r["sequences_per_s"] / m["sequences_per_s"]
+            lines.append(f"  {r['workers']} worker(s): pipeline / model = {ratio:.2f}")
+    if "overlap" in results:
+        o = results["overlap"]
+        lines.append(f"training on the pipeline ({o['workers']} worker(s)): {o['sequences_per_s']:.2f} sequences/s, "
+                     f"waiting for data {o['data_wait_s']:.2f} s of {o['seconds']:.2f} s "
+                     f"({100 * o['wait_fraction']:.1f}%)")
     return "\n".join(lines)
 
 
@@ -225,12 +406,26 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=4, help="cases per modality")
     ap.add_argument("--shape", type=int, nargs=3, default=[192, 192, 48], help="phantom voxels (x y z)")
     ap.add_argument("--cache", type=int, default=2)
-    ap.add_argument("--model-step", default=None, help="module:function running forward+backward on a batch")
+    ap.add_argument("--model", default="sam2.1_hiera_t",
+                    help="model of the built-in forward+backward step (make_model_step), or 'none'")
+    ap.add_argument("--model-step", default=None, help="module:function running forward+backward on a batch "
+                    "(instead of --model)")
+    ap.add_argument("--model-batches", type=int, default=3, help="batches timed for the model")
+    ap.add_argument("--overlap-batches", type=int, default=3,
+                    help="batches trained on the pipeline with the most workers (0: skip)")
     ap.add_argument("--out", default="out/bench/data_pipeline.json")
     a = ap.parse_args(argv)
-    step = _import_callable(a.model_step) if a.model_step else None
+    if a.model_step:
+        step, model = _import_callable(a.model_step), a.model_step
+    elif a.model != "none":
+        _log(f"building a random {a.model} at S={a.size}")
+        step, model = make_model_step(a.model, a.size), a.model
+    else:
+        step, model = None, None
     res = run(image_size=a.size, num_frames=a.frames, batch_size=a.batch, workers=a.workers, batches=a.batches,
-              source_kind=a.source, n_cases=a.cases, phantom_shape=a.shape, cache_size=a.cache, model_step=step)
+              source_kind=a.source, n_cases=a.cases, phantom_shape=a.shape, cache_size=a.cache, model_step=step,
+              model_batches=a.model_batches, overlap_batches=a.overlap_batches)
+    res["config"]["model"] = model
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -447,7 +447,7 @@ def test_skipped_cases_are_collected_into_one_report_with_0_and_2_workers(bad_da
     assert "label" in got["phantom_002.nii.gz"][1] and "missing" in got["phantom_002.nii.gz"][1]
     summary = col2.summary()
     assert summary.startswith("3 case(s) skipped (1 when listing the data, 2 during the run, over 16 records)")
-    assert f"phantom_001.nii.gz: cannot read as NIfTI" in summary and f"[drawn by {col0.counts[1]} record(s)]" in summary
+    assert "phantom_001.nii.gz: cannot read as NIfTI" in summary and f"[drawn by {col0.counts[1]} record(s)]" in summary
 
 
 def test_skip_collector_state_merge_and_bad_input(bad_dataset, source):
@@ -554,3 +554,99 @@ def test_data_package_reexports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_prompts_match_the_trackers_packing(source):
+    """benchmarks/data_pipeline.batch_to_prompts (jit-able) == tracking.make_prompts on the same prompts."""
+    from benchmarks import data_pipeline as bench
+    from medsam2_jax import tracking
+
+    kc, P = 2, 4
+    it = pl.make_iterator(source, _cfg(batch_size=4, seed=11))
+    batches = _take(it, 3)
+    it.close()
+    kinds = set()
+    for b in batches:
+        got = bench.batch_to_prompts({k: b[k] for k in bench.MODEL_KEYS}, kc)
+        assert got.frame_idx.shape == (4, 1, kc) and got.mask.shape == (4, 1, kc, S, S)
+        for i in range(4):
+            prompts = []
+            for t in np.flatnonzero(b["prompted"][i] & b["frame_valid"][i])[:kc]:
+                lab, xy = b["point_labels"][i, t], b["point_coords"][i, t]
+                if b["mask_valid"][i, t]:
+                    prompts.append({"frame": int(t), "mask": b["mask_inputs"][i, t]})
+                    continue
+                pr = {"frame": int(t)}
+                if (lab == 2).any():
+                    pr["box"] = np.concatenate([xy[lab == 2][0], xy[lab == 3][0]])
+                clicks = (lab == 0) | (lab == 1)
+                if clicks.any():
+                    pr["points"], pr["labels"] = xy[clicks], lab[clicks]
+                prompts.append(pr)
+            kinds.add(int(b["prompt_kind"][i]))
+            ref = tracking.make_prompts([prompts], num_frames=T, image_size=S,
+                                        config=tracking.TrackerConfig(max_cond_frames=kc, max_points=P))
+            valid = np.asarray(ref.valid[0])
+            n = valid.size  # make_prompts may pack fewer slots than max_cond_frames (only the used ones)
+            np.testing.assert_array_equal(np.asarray(got.valid[i, 0])[:n], valid)
+            assert not np.asarray(got.valid[i, 0])[n:].any()
+            for field in ("frame_idx", "point_coords", "point_labels", "mask", "mask_valid"):
+                np.testing.assert_array_equal(np.asarray(getattr(got, field)[i, 0])[:n][valid],
+                                              np.asarray(getattr(ref, field)[0])[valid], err_msg=field)
+    assert kinds == {0, 1, 2}  # masks, clicks and boxes were all checked
+
+
+def test_benchmark_loss_known_answers():
+    import jax.numpy as jnp
+
+    from benchmarks import data_pipeline as bench
+
+    m = np.zeros((1, 2, 8, 8), bool)
+    m[0, 0, :4, :6] = True  # frame 0: cells (0,0) full, (0,1) half; frame 1: object absent
+    small = np.asarray(bench.downsample_masks(jnp.asarray(m), 4))
+    np.testing.assert_array_equal(small[0, 0], [[1.0, 0.5], [0.0, 0.0]])
+    assert not small[0, 1].any()
+    target = jnp.asarray((small > 0.75).astype(np.float32))
+    big = 30.0
+    perfect = jnp.where(target > 0, big, -big)
+    obj = jnp.asarray([[big, -big]])  # present on frame 0, absent on frame 1
+    valid = jnp.asarray([[True, True]])
+    assert float(bench.bce_dice_loss(perfect, obj, target, valid)) < 1e-6
+    # all-wrong frame 0: BCE = big per pixel; Dice: no overlap, 3 predicted + 1 target pixels, eps = 1:
+    # 1 - 1 / (4 + 1) = 0.8
+    wrong = -perfect
+    np.testing.assert_allclose(float(bench.bce_dice_loss(wrong, obj, target, valid)), big + 0.8, rtol=1e-5)
+    # the object head's BCE counts on every valid frame; frame 1's masks do not count (object absent)
+    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect, -obj, target, valid)), big, rtol=1e-5)
+    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect.at[0, 1].set(big), obj, target, valid)), 0.0,
+                               atol=1e-6)
+    # an invalid frame counts for nothing
+    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect, obj.at[0, 1].set(big), target,
+                                                         jnp.asarray([[True, False]]))), 0.0, atol=1e-6)
+
+
+def test_benchmark_runs_with_a_model_step():
+    """The benchmark's harness end to end at a toy size, with a stand-in model step (the real one compiles
+    for minutes on CPU; it is run by the benchmark itself)."""
+    import jax.numpy as jnp
+
+    from benchmarks import data_pipeline as bench
+
+    calls = []
+
+    def step(batch):
+        calls.append(batch["record_index"].tolist())
+        return jnp.sum(jnp.asarray(batch["images"]))
+
+    res = bench.run(image_size=32, num_frames=3, batch_size=2, workers=(0,), batches=2, source_kind="memory",
+                    n_cases=1, phantom_shape=(32, 32, 12), profile_sequences=2, model_step=step, model_batches=2,
+                    overlap_batches=2)
+    assert [r["workers"] for r in res["pipeline"]] == [0] and res["pipeline"][0]["sequences"] == 4
+    assert res["model"]["sequences"] == 4 and res["overlap"]["workers"] == 0
+    assert 0.0 <= res["overlap"]["wait_fraction"] <= 1.0
+    assert len(calls) == 3 + 3  # model: compile + 2 timed; overlap: start-up + 2
+    text = bench.table(res)
+    assert "pipeline / model" in text and "waiting for data" in text
