@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     busy = max(load_before[0], load_after[0])
     if busy > 0.5 * (os.cpu_count() or 1):
         print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
-              "other processes share the CPU, so absolute numbers are low and noisy (the ratio is fairer).")
+              "other processes share the CPU, so the numbers are low and noisy, and the ratio is biased towards JAX "
+              "(PyTorch's OpenMP threads lose more than XLA's thread pool when the cores are oversubscribed).")
     result = {
         "benchmark": "image_encoder",
         "command": " ".join([os.path.relpath(sys.argv[0], ROOT) if sys.argv else "image_encoder.py", *(argv or sys.argv[1:])]),
