@@ -152,7 +152,8 @@ class PatchEmbed(nnx.Module):
         # out[i, j] = sum_{a,b<7} x[4i-3+a, 4j-3+b] K[a, b]; with xp = pad(x, 3 before, 1 after), rows
         # 4i..4i+7 of xp are its 4x4-blocks i and i+1.
         xp = jnp.pad(x, ((0, 0), (3, 1), (3, 1), (0, 0)))
-        blocks = xp.reshape(b, n_h + 1, 4, n_w + 1, 4, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n_h + 1, n_w + 1, 16 * c)
+        blocks = xp.reshape(b, n_h + 1, 4, n_w + 1, 4, c).transpose(0, 1, 3, 2, 4, 5)
+        blocks = blocks.reshape(b, n_h + 1, n_w + 1, 16 * c)
         patches = jnp.concatenate(
             [blocks[:, di : di + n_h, dj : dj + n_w] for di in (0, 1) for dj in (0, 1)], axis=-1
         )  # (B, n_h, n_w, [di, dj, r, c, ch])

@@ -172,9 +172,9 @@ def detect_size(shapes: Mapping[str, Sequence[int]]) -> str:
             + ", ".join(f"{s.size} ({s.embed_dim}, {s.depth})" for s in SPECS.values() if s.version == "2.1")
         )
     if bkg != size.window_pos_embed_bkg_spatial_size or channels != size.backbone_channel_list:
+        bh, bw = size.window_pos_embed_bkg_spatial_size
         raise ValueError(
-            f"inconsistent SAM 2 checkpoint: {found}; a {size.size} model has pos_embed "
-            f"(1, {embed_dim}, {size.window_pos_embed_bkg_spatial_size[0]}, {size.window_pos_embed_bkg_spatial_size[1]}) "
+            f"inconsistent SAM 2 checkpoint: {found}; a {size.size} model has pos_embed (1, {embed_dim}, {bh}, {bw}) "
             f"and neck input channels {list(size.backbone_channel_list)}"
         )
 
