@@ -165,7 +165,8 @@ def load_state_dict(
         raise WeightMismatchError("\n".join(lines))
     for e, val in converted.items():
         dtype = e.variable.get_value().dtype
-        e.variable.set_value(jnp.asarray(val, dtype=dtype))
+        # Copy: jnp.asarray may alias the caller's NumPy buffer on CPU (e.g. a live torch parameter).
+        e.variable.set_value(jnp.array(val, dtype=dtype, copy=True))
 
 
 def export_state_dict(model: nnx.Module, *, prefix: str = "") -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ from .fpn import build_image_encoder
 from .mask_decoder import MaskDecoder
 from .memory_attention import build_memory_attention
 from .memory_encoder import MemoryEncoder
-from .prompt_encoder import PromptEncoder
+from .prompt_encoder import PromptEncoder, check_prompts
 from .sizes import ModelSpec, get_spec
 
 Array = jax.Array
@@ -125,10 +125,11 @@ class SAM2(nnx.Module):
         if shape[-1] != 3:
             raise ValueError(f"images must have 3 channels last (NHWC), got shape {tuple(shape)}")
         if tuple(shape[1:3]) != (self.image_size, self.image_size):
+            other = (f" or load the model with image_size={shape[1]}"
+                     if shape[1] == shape[2] and shape[1] % 32 == 0 and shape[1] > 0 else "")
             raise ValueError(
                 f"images must be {self.image_size}x{self.image_size} for this model (image_size={self.image_size}), "
-                f"got {shape[1]}x{shape[2]}; resize them first or load the model with image_size={shape[1]} "
-                "(a multiple of 32)"
+                f"got {shape[1]}x{shape[2]}; resize them first{other} (square, a multiple of 32)"
             )
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"images must be floating point (normalised), got dtype {dtype}")
@@ -140,6 +141,8 @@ class SAM2(nnx.Module):
         the decoder's ``conv_s0`` / ``conv_s1``), ``vision_pos_enc``: the three sine encodings, and
         ``vision_features``: the top level (B,S/16,S/16,256).
         """
+        if not isinstance(images, jax.core.Tracer):
+            self.check_images(images)  # host-side: rank, channels, size, dtype
         out = self.image_encoder(images)
         fpn = list(out["backbone_fpn"])
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
@@ -174,6 +177,18 @@ class SAM2(nnx.Module):
         )
         return {"masks": masks, "iou": iou, "tokens": tokens, "object_score_logits": obj}
 
+    def _single_mask_index(self, heads: dict[str, Array]) -> Array:
+        """Which mask answers a single-mask request: token 0, or with dynamic multimask via stability (on in
+        eval, as in SAM 2's predictors) the best multimask output where token 0's mask is unstable."""
+        masks, iou = heads["masks"], heads["iou"]
+        idx = jnp.zeros((masks.shape[0],), jnp.int32)
+        dec = self.sam_mask_decoder
+        if dec.dynamic_multimask_via_stability and dec.deterministic:
+            best = 1 + jnp.argmax(iou[:, 1:], axis=-1)
+            stable = dec._get_stability_scores(masks[:, 0:1])[:, 0] >= dec.dynamic_multimask_stability_thresh
+            idx = jnp.where(stable, 0, best)
+        return idx
+
     def select_outputs(self, heads: dict[str, Array], multimask: Array | bool) -> dict[str, Array]:
         """``_forward_sam_heads``' choice of the output mask and the object pointer.
 
@@ -188,12 +203,7 @@ class SAM2(nnx.Module):
         take = lambda a, i: jnp.take_along_axis(a, i.reshape((b,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
         # The pointer comes from the chosen multimask token, or from token 0 for a single mask.
         token = take(tokens, jnp.where(multimask, best_multi, 0))
-        single_idx = jnp.zeros((b,), jnp.int32)
-        dec = self.sam_mask_decoder
-        if dec.dynamic_multimask_via_stability and dec.deterministic:
-            stable = dec._get_stability_scores(masks[:, 0:1])[:, 0] >= dec.dynamic_multimask_stability_thresh
-            single_idx = jnp.where(stable, 0, best_multi)
-        idx = jnp.where(multimask, best_multi, single_idx)
+        idx = jnp.where(multimask, best_multi, self._single_mask_index(heads))
         low_res = take(masks, idx)
         best_iou = take(iou, idx)
         present = obj > 0  # (B, 1)
@@ -260,15 +270,28 @@ class SAM2(nnx.Module):
         """
         fpn = features["backbone_fpn"]
         b = fpn[-1].shape[0]
+        if not any(isinstance(a, jax.core.Tracer) for a in (points, labels, boxes)):
+            check_prompts(points, labels, boxes, self.image_size)  # host-side, clear messages
+        s4 = self.image_size // 4
+        if mask_inputs is not None and tuple(mask_inputs.shape) != (b, s4, s4):
+            raise ValueError(f"mask_inputs must be (B, S/4, S/4) = {(b, s4, s4)} low-res logits, "
+                             f"got {tuple(mask_inputs.shape)}")
         feats = fpn[-1] + self.no_mem_embed[...].reshape(1, 1, 1, -1)
         coords, labs = _merge_prompts(b, points, labels, boxes)
         mask_prompt = None if mask_inputs is None else mask_inputs[..., None]
         heads = self.sam_heads(feats, fpn[:2], coords, labs, mask_prompt)
         sel = self.select_outputs(heads, multimask)
-        sl = slice(1, 4) if multimask else slice(0, 1)
+        if multimask:
+            masks, iou = heads["masks"][:, 1:4], heads["iou"][:, 1:4]
+        else:
+            # SAM 2's decoder asked for one mask: token 0's, or, with dynamic multimask via stability (on in
+            # eval, as in SAM 2's predictors), the best multimask output where token 0's mask is unstable.
+            idx = self._single_mask_index(heads)
+            masks = jnp.take_along_axis(heads["masks"], idx[:, None, None, None], axis=1)
+            iou = jnp.take_along_axis(heads["iou"], idx[:, None], axis=1)
         return {
-            "masks": heads["masks"][:, sl],
-            "iou": heads["iou"][:, sl],
+            "masks": masks,
+            "iou": iou,
             "object_score_logits": heads["object_score_logits"],
             "obj_ptr": sel["obj_ptr"],
         }
