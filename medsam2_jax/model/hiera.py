@@ -14,10 +14,10 @@ Numerics follow the reference exactly:
 * the background position embedding is resized with torch's bicubic kernel (A = -0.75, clamped border
   indices, ``align_corners=False``), written as two interpolation matrices built in NumPy at trace time.
 
-Speed: window partition/unpartition are reshapes and transposes (no gathers); the qkv projection runs on
-the unpadded map and the padding is filled with the qkv bias (identical to projecting zero tokens); the
-output projection runs after the padded tokens are cropped away; attention is a plain batched
-``dot_product_attention``.
+Speed: window partition/unpartition are reshapes and transposes (no gathers); when a map needs no padding
+the (narrower) input is partitioned before the qkv projection; when it does, the qkv projection runs on the
+real tokens only and the padding is filled with the qkv bias (identical to projecting zero tokens); the
+output projection runs after the padded tokens are cropped away; attention is two batched matmuls.
 """
 
 from __future__ import annotations
@@ -116,14 +116,17 @@ def _gelu(x: Array) -> Array:
 def _attention(q: Array, k: Array, v: Array) -> Array:
     """Softmax attention on (N, Tq, heads, hd) / (N, Tk, heads, hd), scale 1/sqrt(hd), no mask.
 
-    The softmax normalisation is applied after the value product (one pass fewer over the scores than
-    softmax-then-matmul; it is what PyTorch's fused CPU kernel does too). Equal up to float32 rounding.
+    Heads are moved next to the batch first so that both products are plain batched matmuls whose
+    operands and results XLA can use without transposing the (Tq, Tk) score matrices. The softmax
+    normalisation is applied after the value product (one pass fewer over the scores than
+    softmax-then-matmul; PyTorch's fused CPU kernel does the same). Equal up to float32 rounding.
     """
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
-    s = jnp.einsum("nqhd,nkhd->nhqk", q * scale, k)
+    q, k, v = ((t.transpose(0, 2, 1, 3)) for t in (q * scale, k, v))  # (N, heads, T, hd)
+    s = jnp.einsum("nhqd,nhkd->nhqk", q, k)
     e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-    o = jnp.einsum("nhqk,nkhd->nqhd", e, v)
-    return o / jnp.moveaxis(e.sum(axis=-1), 1, 2)[..., None]
+    o = jnp.einsum("nhqk,nhkd->nhqd", e, v) / e.sum(axis=-1)[..., None]
+    return o.transpose(0, 2, 1, 3)
 
 
 def _pad_to(n: int, ws: int) -> int:
@@ -183,31 +186,35 @@ class MultiScaleAttention(nnx.Module):
     def __call__(self, x: Array, window_size: int) -> Array:
         b, h, w, _ = x.shape
         heads, hd = self.num_heads, self.dim_out // self.num_heads
-        # qkv(pad(x)) == pad(x @ W) + b: project the real tokens only, padded tokens get the bias alone.
-        qkv = jnp.einsum("bhwc,cd->bhwd", x, self.qkv.kernel[...])
-        ws = window_size if window_size > 0 else None
-        hp, wp = (_pad_to(h, ws), _pad_to(w, ws)) if ws else (h, w)
-        if (hp, wp) != (h, w):
-            qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-        qkv = qkv + self.qkv.bias[...]
-        if ws:
-            qkv = window_partition(qkv, ws)  # (B*nW, ws, ws, 3*dim_out)
-        wh, ww = (ws, ws) if ws else (h, w)
+        ws = window_size
+        if ws <= 0:  # global attention
+            hp, wp, wh, ww = h, w, h, w
+            qkv = self.qkv(x)
+        else:
+            hp, wp, wh, ww = _pad_to(h, ws), _pad_to(w, ws), ws, ws
+            if (hp, wp) == (h, w):
+                # no padding: partition the input (narrower than qkv), then project the windows
+                qkv = self.qkv(window_partition(x, ws))
+            else:
+                # PyTorch zero-pads the normed map, so padded tokens project to the qkv bias alone:
+                # qkv(pad(x)) == pad(x @ W) + b. Project the real tokens only, then partition.
+                qkv = jnp.einsum("bhwc,cd->bhwd", x, self.qkv.kernel[...])
+                qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))) + self.qkv.bias[...]
+                qkv = window_partition(qkv, ws)  # (B * nW, ws, ws, 3 * dim_out)
         nb = qkv.shape[0]
         qkv = qkv.reshape(nb, wh, ww, 3, heads, hd)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        if self.q_pool:
+        if self.q_pool:  # max-pool the queries inside each (padded) window
             q = _max_pool_2x2(q.reshape(nb, wh, ww, heads * hd)).reshape(nb, wh // 2, ww // 2, heads, hd)
             wh, ww = wh // 2, ww // 2
         q = q.reshape(nb, wh * ww, heads, hd)
         k = k.reshape(nb, -1, heads, hd)
         v = v.reshape(nb, -1, heads, hd)
         o = _attention(q, k, v).reshape(nb, wh, ww, self.dim_out)
-        if ws:
+        if ws > 0:
             f = 2 if self.q_pool else 1
-            o = window_unpartition(o, wh, hp // f, wp // f)
-            o = o[:, : h // f, : w // f, :]
-        return self.proj(o)
+            o = window_unpartition(o, wh, hp // f, wp // f)[:, : h // f, : w // f, :]
+        return self.proj(o)  # after the crop: padded tokens are never projected
 
 
 class MultiScaleBlock(nnx.Module):
