@@ -28,8 +28,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m medsam2_jax.demo --out out/demo
 
+# Side-by-side timings against PyTorch (long on a CPU: tens of minutes). Results in benchmarks/results/.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/image_encoder.py
+	$(BIN)/python benchmarks/tracking.py
+	$(BIN)/python benchmarks/memory_bank.py
+	$(BIN)/python benchmarks/data_pipeline.py
 
 clean:
 	rm -rf $(VENV) .jax_cache out
