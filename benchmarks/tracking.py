@@ -104,7 +104,9 @@ def volume_frames(size: int, frames: int, seed: int):
     from medsam2_jax.data.phantoms import make_phantom
     from medsam2_jax.model.sam2 import normalize_images
 
-    hu, labels, _ = make_phantom(seed, "ct", shape=(size, size, frames), spacing=(0.8, 0.8, 2.5))
+    depth = max(frames, 8)  # the phantom needs >= 8 slices; extra ones are dropped below
+    hu, labels, _ = make_phantom(seed, "ct", shape=(size, size, depth), spacing=(0.8, 0.8, 2.5))
+    hu, labels = hu[:, :, :frames], labels[:, :, :frames]
     win = np.clip((hu + 160.0) / 400.0, 0.0, 1.0)  # soft-tissue window [-160, 240] HU -> [0, 1]
     slices = np.transpose(win, (2, 1, 0))  # (x, y, z) -> (z, y, x): one frame per axial slice
     x = np.asarray(normalize_images(np.repeat(slices[..., None], 3, axis=-1)), np.float32)

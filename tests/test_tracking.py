@@ -542,3 +542,26 @@ def test_bfloat16_path_runs(models, frames, jax_features):
     assert out["mask_logits"].shape == (1, 2, S, S) and np.asarray(out["visited"]).all()
     assert np.isfinite(np.asarray(out["low_res_masks"], np.float32)).all()
     assert np.isfinite(np.asarray(out["iou"], np.float32)).all()
+
+
+@pytest.mark.slow
+def test_benchmark_script_bfloat16_runs(tmp_path):
+    """``benchmarks/tracking.py --dtype bfloat16`` runs on CPU at 256 for 2 frames (JAX only) and writes its
+    JSON (same shapes and config as the test above, so its compiles are shared in one session)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tracking.py"
+    spec = importlib.util.spec_from_file_location("bench_tracking", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tracking.json"
+    cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "cache")
+    assert bench.main(["--no-torch", "--image-sizes", "256", "--frames", "2", "--repeats", "1", "--dtype",
+                       "bfloat16", "--encode-batch", "2", "--cache-dir", cache, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "bfloat16" and res["results"][0]["image_size"] == 256
+    fps = [res["results"][0]["jax"][ph]["fps"] for ph in ("encode", "propagate", "total")]
+    assert all(np.isfinite(f) and f > 0 for f in fps), fps
+    assert "| propagate |" in res["table_markdown"]
