@@ -11,16 +11,7 @@ import functools
 
 import numpy as np
 
-CONFIGS = {
-    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
-    "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml",
-    "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
-    "sam2_hiera_b+": "configs/sam2/sam2_hiera_b+.yaml",
-    "sam2_hiera_l": "configs/sam2/sam2_hiera_l.yaml",
-}
+from medsam2_jax.parity import TORCH_CONFIGS as CONFIGS  # noqa: E402  (one table of config files)
 
 
 def perturb_(model, seed: int = 0) -> None:
