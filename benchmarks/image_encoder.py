@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
     p.add_argument("--matmul-precision", default="highest", choices=["default", "high", "highest"],
                    help="jax_default_matmul_precision (highest = plain float32, as PyTorch on CPU)")
+    p.add_argument("--images-per-step", default="auto",
+                   help="images the JAX encoder runs at once (ImageEncoder.images_per_step): 'auto' = the "
+                        "library default (1 on CPU, the whole batch on GPU/TPU), 0 = the whole batch, or N")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and images")
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "image_encoder.json",
                    help="JSON file to write")
@@ -196,6 +199,15 @@ def main(argv=None) -> int:
     for b in args.batch_sizes:
         if b <= 0:
             raise SystemExit(f"--batch-sizes: {b} is not a positive batch size")
+    if args.images_per_step == "auto":
+        args.images_per_step = None
+    else:
+        try:
+            args.images_per_step = int(args.images_per_step)
+            if args.images_per_step < 0:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--images-per-step: expected 'auto' or an int >= 0, got {args.images_per_step!r}")
     try:
         names = [get_spec(m).name for m in args.models]
     except ValueError as e:
@@ -210,6 +222,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         torch_enc, jax_enc = build_pair(name, args.seed)
+        jax_enc.images_per_step = args.images_per_step
         for size in args.image_sizes:
             for batch in args.batch_sizes:
                 r = bench_setting(torch_enc, jax_enc, size, batch, args)
@@ -231,6 +244,8 @@ def main(argv=None) -> int:
         "command": " ".join(["python benchmarks/image_encoder.py", *(sys.argv[1:] if argv is None else argv)]),
         "dtype": "float32",
         "jax_matmul_precision": args.matmul_precision,
+        "jax_images_per_step": "auto" if args.images_per_step is None else args.images_per_step,
+        "jax_backend": jax.default_backend(),
         "repeats": args.repeats,
         "warmup": args.warmup,
         "timing": ("median wall time per call, JAX and PyTorch calls alternating; img/s = batch / median; "

@@ -103,9 +103,14 @@ class ImageEncoder(nnx.Module):
 
     ``{"vision_features": (B, S/16, S/16, d_model), "vision_pos_enc": [...], "backbone_fpn": [...]}``,
     lists highest resolution first, the ``scalp`` lowest-resolution levels dropped.
+
+    ``images_per_step`` sets how many images of a batch go through the network at once (a ``lax.map``
+    over chunks; the result does not depend on it beyond float32 rounding). ``None`` (default) picks 1 on
+    CPU, where one image's activations stay cache-resident and a batch of 8 at 512 px runs ~20% faster
+    than all at once, and the whole batch on GPU/TPU; ``0`` always takes the whole batch.
     """
 
-    def __init__(self, trunk: Hiera, neck: FpnNeck, scalp: int = 0):
+    def __init__(self, trunk: Hiera, neck: FpnNeck, scalp: int = 0, *, images_per_step: int | None = None):
         if tuple(trunk.channel_list) != tuple(neck.backbone_channel_list):
             raise ValueError(
                 f"channel dims of trunk and neck do not match: trunk {list(trunk.channel_list)}, "
@@ -113,15 +118,32 @@ class ImageEncoder(nnx.Module):
             )
         if not 0 <= scalp < len(neck.convs):
             raise ValueError(f"scalp must be in [0, {len(neck.convs) - 1}], got {scalp}")
+        if images_per_step is not None and (not isinstance(images_per_step, int) or images_per_step < 0):
+            raise ValueError(f"images_per_step must be None or an int >= 0, got {images_per_step!r}")
         self.trunk = trunk
         self.neck = neck
         self.scalp = scalp
+        self.images_per_step = images_per_step
 
-    def __call__(self, x: Array) -> dict:
+    def _encode(self, x: Array) -> dict:
         features, pos = self.neck(self.trunk(x))
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]
         return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
+
+    def __call__(self, x: Array) -> dict:
+        self.trunk.check_input(x)
+        b = x.shape[0]
+        step = self.images_per_step
+        if step is None:
+            step = 1 if jax.default_backend() == "cpu" else 0
+        if step == 0 or step >= b:
+            return self._encode(x)
+        n = -(-b // step)
+        if n * step != b:  # pad the batch to whole chunks; the padded images are dropped below
+            x = jnp.concatenate([x, jnp.zeros((n * step - b, *x.shape[1:]), x.dtype)], axis=0)
+        out = jax.lax.map(self._encode, x.reshape(n, step, *x.shape[1:]))
+        return jax.tree.map(lambda a: a.reshape(n * step, *a.shape[2:])[:b], out)
 
 
 def image_encoder_from_spec(spec: ModelSpec, *, rngs: nnx.Rngs) -> ImageEncoder:
