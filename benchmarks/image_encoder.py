@@ -234,8 +234,7 @@ def main(argv=None) -> int:
     table = format_table(rows)
     print()
     print(table)
-    busy = max(load_before[0], load_after[0])
-    if busy > 0.5 * (os.cpu_count() or 1):
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):  # (the benchmark's own threads raise the load after)
         print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
               "other processes share the CPU, so the numbers are low and noisy, and the ratio is biased towards JAX "
               "(PyTorch's OpenMP threads lose more than XLA's thread pool when the cores are oversubscribed).")
