@@ -11,6 +11,7 @@ Sizes: T = 8 frames; every self-sorting config here is one compiled program shar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -179,20 +180,30 @@ def test_scan_does_not_recompile_as_the_bank_fills(model, base):
         assert n[0] == 0 and n.max() > 0 and np.all(np.diff(n) >= 0)  # it fills inside the one scan
 
 
+# Memories in float32 for the batched-vs-single comparison: the bf16 store (on in BASE, as in SAM 2's
+# predictor) rounds each memory feature to 8 bits of mantissa, so a 1e-6 float32 difference that lands
+# next to a bf16 rounding boundary becomes a 0.4% jump of that feature, and a few such jumps reach the
+# logits as ~2e-4 after 8 steps (measured: 2.3e-4 with bf16, 8.1e-6 with float32, same trace).
+BASE_F32 = dataclasses.replace(BASE, store_memory_bf16=False)
+
+
 @pytest.mark.slow
-def test_vmap_over_objects_equals_separate_runs(model, seq, base):
+def test_vmap_over_objects_equals_separate_runs(model, seq):
     box = {"frame": 0, "box": [20, 150, 90, 230]}
-    both = run(model, seq, [[CLICK0, CLICK4], [box]], BASE)
-    swapped = run(model, seq, [[box], [CLICK0, CLICK4]], BASE)
-    alone = run(model, seq, [[box]], BASE)
+    clicks = [CLICK0, CLICK4]
+    both = run(model, seq, [clicks, [box]], BASE_F32)
+    swapped = run(model, seq, [[box], clicks], BASE_F32)
+    alone_clicks = run(model, seq, [clicks], BASE_F32)
+    alone_box = run(model, seq, [[box]], BASE_F32)
     # Object i draws with split(step_key, B)[i], and a split's first keys do not depend on B, so an object
     # run alone equals the same object at index 0 of a batch; the other index uses other draws.
-    for batch, single in ((both, base), (swapped, alone)):
+    for batch, single in ((both, alone_clicks), (swapped, alone_box)):
         for k in ("bank_frame", "bank_valid", "read_valid"):
             assert np.array_equal(batch["trace"][k][:, 0], single["trace"][k][:, 0]), k
-        # Same draws, same bank decisions: float32 rounding only (batched vs single-object computations).
-        assert np.abs(batch["low_res_masks"][0] - single["low_res_masks"][0]).max() < 1e-4
-        assert np.abs(batch["iou"][0] - single["iou"][0]).max() < 1e-5
+        # Same draws, same bank decisions: float32 rounding only (batched vs single-object matmuls), which
+        # measures <= 8.1e-6 on logits of |x| <= 10 and 1.2e-7 on IoU; 5e-5 / 1e-6 leave a 6-8x margin.
+        assert np.abs(batch["low_res_masks"][0] - single["low_res_masks"][0]).max() < 5e-5
+        assert np.abs(batch["iou"][0] - single["iou"][0]).max() < 1e-6
 
 
 @pytest.mark.slow
