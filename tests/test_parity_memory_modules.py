@@ -337,6 +337,51 @@ def test_dropout_runs_when_not_deterministic(mem_attn):
         mem_attn(curr, curr_pos, memory, memory_pos, n_ptr_tokens, deterministic=False)
 
 
+def _textbook_cross_attention(attn, q, k, v, n_excl, key_mask, drop_key=None, rate=0.0):
+    """RoPEAttention written out the long way: values through v_proj *before* the weighted sum."""
+    from medsam2_jax.model.rope import apply_rope, apply_rope_keys
+
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    hd = attn.internal_dim // attn.num_heads
+    qh = attn.q_proj(q).reshape(b, nq, attn.num_heads, hd)
+    kh = attn.k_proj(k).reshape(b, nk, attn.num_heads, hd)
+    vh = attn.v_proj(v).reshape(b, nk, attn.num_heads, hd)
+    cos, sin = attn.rope_tables(nq)
+    qh = apply_rope(qh, cos, sin)
+    kh = apply_rope_keys(kh, cos, sin, num_k_exclude_rope=n_excl, repeat=True)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh) / np.sqrt(hd)
+    logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+    w = jax.nn.softmax(logits, axis=-1)
+    if drop_key is not None:
+        keep = jax.random.bernoulli(drop_key, 1.0 - rate, w.shape)
+        w = jnp.where(keep, w / (1.0 - rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", w, vh).reshape(b, nq, attn.internal_dim)
+    return attn.out_proj(out)
+
+
+def test_low_rank_value_product_equals_textbook_attention(mem_attn):
+    """The cross-attention attends over the 64-channel memory and projects values afterwards (4x fewer FLOPs);
+    with and without dropout on the weights (where rows no longer sum to one, so v_proj's bias is scaled by
+    the row sum) it equals v_proj-then-attend up to float32 rounding."""
+    curr, _, memory, memory_pos = map(jnp.asarray, _inputs(60, 2, 4))
+    n_ptr_tokens = 4 * TOKENS_PER_PTR
+    mask = jnp.ones(memory.shape[:2], bool).at[:, N // 2:N].set(False)
+    attn = mem_attn.layers[1].cross_attn_image
+    assert attn.kv_in_dim < attn.internal_dim // attn.num_heads  # the low-rank path is the one under test
+    k_in = memory + memory_pos
+    det = attn(curr, k_in, memory, num_k_exclude_rope=n_ptr_tokens, key_mask=mask)
+    ref = _textbook_cross_attention(attn, curr, k_in, memory, n_ptr_tokens, mask)
+    # |out| <= 0.3; measured 1.6e-7 (float32 rounding of the same sums in another order).
+    assert np.abs(np.asarray(det) - np.asarray(ref)).max() < 2e-6
+    drop = attn(curr, k_in, memory, num_k_exclude_rope=n_ptr_tokens, key_mask=mask, deterministic=False,
+                rngs=nnx.Rngs(dropout=3))
+    ref_drop = _textbook_cross_attention(attn, curr, k_in, memory, n_ptr_tokens, mask,
+                                         drop_key=nnx.Rngs(dropout=3).dropout(), rate=attn.dropout_p)
+    assert np.abs(np.asarray(drop) - np.asarray(det)).max() > 1e-2  # dropout acted
+    assert np.abs(np.asarray(drop) - np.asarray(ref_drop)).max() < 2e-6
+
+
 def test_memory_attention_bad_input(mem_attn):
     curr, curr_pos, memory, memory_pos = map(jnp.asarray, _inputs(50, 1, 1, batch=1))
     ptr = TOKENS_PER_PTR

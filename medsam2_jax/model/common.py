@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -33,8 +34,12 @@ class Buffer(nnx.Variable):
 
 
 def gelu(x: Array) -> Array:
-    """Exact (erf) GELU, as ``torch.nn.GELU()``."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU written as torch does, ``x/2 (1 + erf(x/sqrt 2))`` (``torch.nn.GELU()``).
+
+    Same values as ``jax.nn.gelu(approximate=False)`` (which goes through erfc) to float32 rounding, measured
+    1.2e-6 from torch on [-12, 12], and ~6x faster on CPU (XLA's erfc goes through exp and a division).
+    """
+    return x * (0.5 + 0.5 * jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
 def relu(x: Array) -> Array:
@@ -96,6 +101,34 @@ class Conv2d(nnx.Conv):
             use_bias=bias,
             rngs=rngs,
         )
+        self.depthwise = groups == in_channels == out_channels and groups > 1 and _pair(stride) == (1, 1)
+
+    def __call__(self, x: Array) -> Array:
+        if self.depthwise:
+            return depthwise_conv2d(x, self.kernel[...], None if self.bias is None else self.bias[...],
+                                    self.padding)
+        return super().__call__(x)
+
+
+def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None, padding) -> Array:
+    """Stride-1 depthwise conv on NHWC ``x`` with an HWIO kernel (kh, kw, 1, C), as kh * kw shifted
+    multiply-adds over the padded input.
+
+    XLA's CPU grouped convolution runs the 7x7 depthwise conv of SAM 2's ConvNeXt blocks ~15x slower than
+    this (18.7 ms -> 1.2 ms on (1, 32, 32, 256)); the result is the same sum in another order (bit-equal on
+    that shape). On GPU/TPU both lower to fused elementwise code.
+    """
+    kh, kw = kernel.shape[:2]
+    (pt, pb), (pl, pr) = padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    h = xp.shape[1] - kh + 1
+    w = xp.shape[2] - kw + 1
+    out = None
+    for dy in range(kh):
+        for dx in range(kw):
+            term = xp[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0]
+            out = term if out is None else out + term
+    return out if bias is None else out + bias
 
 
 class ConvTranspose2d(nnx.ConvTranspose):
@@ -196,11 +229,23 @@ def max_pool_2x2(x: Array) -> Array:
 def attention(q: Array, k: Array, v: Array, *, key_mask: Array | None = None) -> Array:
     """Scaled dot-product attention on (B, N, heads, head_dim) inputs, as ``F.scaled_dot_product_attention``.
 
-    ``key_mask`` (B, Nk) bool: False keys are excluded. It is only used to hide *extra* padding that the
+    ``q``, ``k``: (B, Nq, H, D), (B, Nk, H, D); ``v``: (B, Nk, H, Dv) (Dv may differ from D) -> (B, Nq, H, Dv).
+
+    Heads are moved next to the batch so that both products are plain batched matmuls, and the softmax
+    normalisation is applied after the value product (one pass fewer over the (Nq, Nk) scores; PyTorch's
+    fused CPU kernel does the same). Equal to softmax-then-matmul up to float32 rounding (<= 7e-7 measured),
+    and 20-40 % faster on CPU than ``jax.nn.dot_product_attention`` (``benchmarks`` shapes).
+
+    ``key_mask`` (B, Nk) bool: False keys are excluded; a row with no True key averages all values
+    uniformly (callers that can meet that case zero it). It is only used to hide *extra* padding that the
     PyTorch reference never sees; SAM 2's own zero-padding (Hiera windows) and its single padding point
     take part in attention exactly as in PyTorch and must not be masked.
     """
-    mask = None
+    scale = np.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
+    qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q * scale, k, v))  # (B, H, N, D)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)
     if key_mask is not None:
-        mask = key_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        s = jnp.where(key_mask[:, None, None, :], s, jnp.finfo(s.dtype).min)
+    e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
+    o = jnp.einsum("bhqk,bhkd->bhqd", e, vh) / e.sum(axis=-1)[..., None]
+    return jnp.swapaxes(o, 1, 2)
