@@ -80,8 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
     p.add_argument("--single-thread", action="store_true",
-                   help="run both frameworks on one thread (torch.set_num_threads(1) and XLA's CPU thread pool "
-                        "off): the per-core comparison, unaffected by how each runtime copes with other load")
+                   help="run both frameworks on one core (the process is pinned to one CPU and "
+                        "torch.set_num_threads(1)): the per-core comparison, unaffected by how each runtime "
+                        "copes with other load")
     p.add_argument("--matmul-precision", default="highest", choices=["default", "high", "highest"],
                    help="jax_default_matmul_precision (highest = plain float32 as PyTorch on CPU; on a GPU "
                         "'default' allows TF32)")
@@ -324,9 +325,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--repeats: {args.repeats} must be >= 1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the predictor's progress bars
     if args.single_thread:
-        # Must be set before JAX starts its CPU backend.
-        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+        # Pin the process to one core before JAX and torch start their thread pools (threads inherit the
+        # affinity). XLA's CPU runtime ignores the old --xla_cpu_multi_thread_eigen / intra_op flags (measured:
+        # a 2048^2 matmul used 2 cores with them), so pinning is the only way to make JAX single-core.
+        core = sorted(os.sched_getaffinity(0))[0]
+        os.sched_setaffinity(0, {core})
         args.torch_threads = 1
     import jax
 
