@@ -32,6 +32,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/image_encoder.py
 	$(BIN)/python benchmarks/tracking.py
+	$(BIN)/python benchmarks/roofline.py --results benchmarks/results/tracking.json --out benchmarks/results/roofline.json
 	$(BIN)/python benchmarks/memory_bank.py
 	$(BIN)/python benchmarks/data_pipeline.py
 
