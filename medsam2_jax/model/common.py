@@ -221,11 +221,6 @@ def run_sequential(layers: nnx.List, x: Array) -> Array:
     return x
 
 
-def max_pool_2x2(x: Array) -> Array:
-    """``nn.MaxPool2d(2, 2)`` (floor mode) on NHWC."""
-    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
-
-
 # On CPU, attention whose score matrix is larger than this many elements runs over blocks of queries.
 CPU_SCORE_BLOCK = 1 << 22
 
