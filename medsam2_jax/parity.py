@@ -377,6 +377,26 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join(r.line() for r in rows)
 
 
+def _collect_outputs(state: dict, ious: dict[int, float], t: int, s4: int) -> dict[str, np.ndarray]:
+    """Per-frame outputs of object 0 from a finished predictor ``state``: low-res logits, object scores, the
+    IoU the predictor chose (``ious``, recorded by the patched track step) and which frames were tracked.
+    Frames not reached keep SAM 2's absent-object fill (-1024)."""
+    outs = state["output_dict_per_obj"][0]
+    low = np.full((t, s4, s4), -1024.0, np.float32)
+    obj = np.full((t,), -1024.0, np.float32)
+    iou = np.zeros((t,), np.float32)
+    visited = np.zeros((t,), bool)
+    for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
+        for f, o in outs[key].items():
+            if f not in state["frames_tracked_per_obj"][0]:
+                continue
+            low[f] = _np(o["pred_masks"])[0, 0]
+            obj[f] = float(_np(o["object_score_logits"]).reshape(-1)[0])
+            iou[f] = ious.get(f, np.nan)
+            visited[f] = True
+    return {"low_res_masks": low, "object_score_logits": obj, "iou": iou, "visited": visited}
+
+
 def torch_video_reference(
     predictor, frames: np.ndarray, prompts: Sequence[dict], direction: str = "forward", workdir: str | None = None
 ) -> dict[str, np.ndarray]:
@@ -437,21 +457,7 @@ def torch_video_reference(
                 )
         for _ in predictor.propagate_in_video(state, reverse=(direction == "backward")):
             pass
-        outs = state["output_dict_per_obj"][0]
-        s4 = s // 4
-        low = np.full((t, s4, s4), -1024.0, np.float32)
-        obj = np.full((t,), -1024.0, np.float32)
-        iou = np.zeros((t,), np.float32)
-        visited = np.zeros((t,), bool)
-        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
-            for f, o in outs[key].items():
-                if f not in state["frames_tracked_per_obj"][0]:
-                    continue
-                low[f] = _np(o["pred_masks"])[0, 0]
-                obj[f] = float(_np(o["object_score_logits"]).reshape(-1)[0])
-                iou[f] = ious.get(f, np.nan)
-                visited[f] = True
-        return {"low_res_masks": low, "object_score_logits": obj, "iou": iou, "visited": visited}
+        return _collect_outputs(state, ious, t, s // 4)
     finally:
         predictor.track_step = orig_track_step
         predictor._forward_sam_heads = orig_heads
@@ -563,21 +569,8 @@ def torch_video_track(
         for f, _, masks in predictor.propagate_in_video(state, reverse=(direction == "backward")):
             video_res[f] = _np(masks)[0, 0]
         total = time.perf_counter() - t0
-        outs = state["output_dict_per_obj"][0]
-        low = np.full((t, s4, s4), -1024.0, np.float32)
-        obj = np.full((t,), -1024.0, np.float32)
-        iou = np.zeros((t,), np.float32)
-        visited = np.zeros((t,), bool)
-        for key in ("cond_frame_outputs", "non_cond_frame_outputs"):
-            for f, o in outs[key].items():
-                if f not in state["frames_tracked_per_obj"][0]:
-                    continue
-                low[f] = _np(o["pred_masks"])[0, 0]
-                obj[f] = float(_np(o["object_score_logits"]).reshape(-1)[0])
-                iou[f] = ious.get(f, np.nan)
-                visited[f] = True
         return {
-            "low_res_masks": low, "object_score_logits": obj, "iou": iou, "visited": visited,
+            **_collect_outputs(state, ious, t, s4),
             "video_res_masks": video_res,
             "timing": {"total_s": total, "encode_s": enc["s"], "encode_calls": enc["calls"]},
         }
