@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TrackerConfig.max_cond_frames (static prompted-frame slots; default: the tracker's)")
     p.add_argument("--encode-batch", type=int, default=None,
                    help="TrackerConfig.encode_batch (frames per image-encoder call; default: the tracker's)")
+    p.add_argument("--encode-devices", type=int, default=1,
+                   help="TrackerConfig.encode_devices: local devices the image encoder's frames are split over "
+                        "(0 = all). On CPU this many virtual CPU devices are created (jax_num_cpu_devices; 0 = one "
+                        "per core): each encodes its own frames, which keeps the cores busier than one device's "
+                        "intra-op threads do")
     p.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU machine)")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads; 0 keeps torch's default (one per core)")
@@ -155,6 +160,7 @@ def make_jax_runner(model, frames_np, prompts, args):
         kw["max_cond_frames"] = args.max_cond_frames
     if args.encode_batch is not None:
         kw["encode_batch"] = args.encode_batch
+    kw["encode_devices"] = args.encode_devices
     bank = bank_lib.BankConfig.sam2_fifo() if args.bank == "fifo" else bank_lib.BankConfig()
     cfg = tracking.TrackerConfig(bank=bank, **kw)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -167,7 +173,7 @@ def make_jax_runner(model, frames_np, prompts, args):
 
     def run():
         c0, t0 = time.process_time(), time.perf_counter()
-        feats = tracking.encode_frames(model, frames, batch=cfg.encode_batch)
+        feats = tracking.encode_frames(model, frames, batch=cfg.encode_batch, devices=cfg.encode_devices)
         jax.block_until_ready(feats)
         c1, t1 = time.process_time(), time.perf_counter()
         out = tracking.propagate_jit(model, feats, p, config=cfg, direction="forward", key=key)
@@ -331,7 +337,13 @@ def main(argv=None) -> int:
         core = sorted(os.sched_getaffinity(0))[0]
         os.sched_setaffinity(0, {core})
         args.torch_threads = 1
+    if args.encode_devices < 0:
+        raise SystemExit(f"--encode-devices: {args.encode_devices} must be >= 0 (0 = all)")
     import jax
+
+    if args.encode_devices != 1:
+        # Virtual CPU devices must exist before the backend starts (only the CPU backend reads this).
+        jax.config.update("jax_num_cpu_devices", args.encode_devices or len(os.sched_getaffinity(0)))
 
     from medsam2_jax.model.sizes import get_spec
 
@@ -382,6 +394,7 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "bank": args.bank,
         "single_thread": args.single_thread,
+        "encode_devices": args.encode_devices,
         "jax_matmul_precision": args.matmul_precision,
         "repeats": args.repeats,
         "timing": ("median wall time per run over --repeats runs, JAX and PyTorch alternating; frames/s = slices / "

@@ -203,7 +203,7 @@ def analyse(model: SAM2, frames: Any, prompt: Mapping[str, Any], configs: Mappin
     t = frames.shape[0]
     key = jax.random.key(0) if key is None else key
     first = next(iter(configs.values()))
-    feats = encode_frames(model, frames, batch=first.encode_batch)
+    feats = encode_frames(model, frames, batch=first.encode_batch, devices=first.encode_devices)
     length = bucketed(t, length_bucket)
     res: dict[str, Any] = {"features": features, "bins": bins, "units": "bits", "num_frames": t,
                            "estimator": "plug-in MI of equal-frequency-binned paired entry values",

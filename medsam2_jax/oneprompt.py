@@ -113,7 +113,7 @@ def segment_image_set(model: SAM2, images: Any, template_index: int, prompt: Map
         raise ValueError("prompt must not name a frame: it is on the template image (template_index)")
     template_index = int(template_index)
     cfg = config
-    feats = encode_frames(model, images, batch=cfg.tracker.encode_batch)
+    feats = encode_frames(model, images, batch=cfg.tracker.encode_batch, devices=cfg.tracker.encode_devices)
     top = feats["fpn"][-1]
     desc = np.asarray(make_descriptor(top, descriptor_grid(top.shape[1], cfg.tracker.descriptor_grid)), np.float64)
     unit = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)

@@ -64,7 +64,10 @@ class TrackerConfig:
     # SAM 2's video predictor stores memory features in bfloat16; round them the same way (halves memory).
     store_memory_bf16: bool = True
     descriptor_grid: int = 4  # self-sorting bank: frame descriptor = image embedding averaged over g x g cells
-    encode_batch: int = 8  # frames per image-encoder call
+    encode_batch: int = 8  # frames per image-encoder call (per device)
+    # Local devices the image encoder's batches are split over (0 = all; see encode_frames). Tracking then
+    # runs on the first of them. On CPU, N virtual devices (jax_num_cpu_devices) keep the cores busier.
+    encode_devices: int = 1
     remat: bool = False  # rematerialise each step in the backward pass (training long sequences)
 
     def __post_init__(self):
@@ -75,6 +78,9 @@ class TrackerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(name, "an int >= 1")
+        if not isinstance(self.encode_devices, int) or isinstance(self.encode_devices, bool) or \
+                self.encode_devices < 0:
+            bad("encode_devices", "an int >= 0 (0 = all local devices)")
         if self.cond_slots not in ("fit", "max"):
             bad("cond_slots", "'fit' or 'max'")
         if not isinstance(self.bank, bank_lib.BankConfig):
@@ -222,8 +228,45 @@ def _encode_chunk_jit(graphdef, state, images):
     return _encode_chunk(nnx.merge(graphdef, state), images)
 
 
-def encode_frames(model: SAM2, frames: Array, batch: int = 8, progress: bool = False) -> dict[str, Any]:
-    """Encode (T, S, S, 3) normalised frames in batches of ``batch`` (one compile per batch size).
+ENCODE_AXIS = "frames"
+
+
+def encode_devices(n: int) -> list[jax.Device]:
+    """The first ``n`` local devices (all of them for 0), with a clear error when there are fewer."""
+    local = jax.local_devices()
+    if n == 0:
+        return local
+    if n > len(local):
+        raise ValueError(
+            f"encode_devices={n} but this process has {len(local)} local {local[0].platform} device(s); use at "
+            f"most {len(local)} (0 = all). On CPU, create N devices with "
+            f"jax.config.update('jax_num_cpu_devices', N) before any array is made"
+        )
+    return local[:n]
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_encoder(graphdef, mesh):
+    """The image encoder as one SPMD program: each device of ``mesh`` encodes its own slice of the batch."""
+    from jax.sharding import PartitionSpec as P
+
+    def body(state, images):
+        out = _encode_chunk(nnx.merge(graphdef, state), images)
+        return out["fpn"], out["pos"]
+
+    spec = P(ENCODE_AXIS)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), spec), out_specs=(spec, spec)))
+
+
+def encode_frames(
+    model: SAM2, frames: Array, batch: int = 8, progress: bool = False, devices: int = 1
+) -> dict[str, Any]:
+    """Encode (T, S, S, 3) normalised frames in batches of ``batch`` per device (one compile per batch size).
+
+    ``devices`` > 1 (0 = all local devices) splits every call's frames over that many local devices, each
+    encoding ``batch`` of them at once (data parallel; the weights are replicated once per call of this
+    function), and gathers the features on the first device, where tracking runs. The frames' features do
+    not depend on each other, so the result equals the single-device one up to float rounding.
 
     Returns ``{"fpn": [3 levels with a leading T axis], "pos": [3 position encodings, leading axis 1]}``;
     the position encodings do not depend on the frame, so one copy is kept.
@@ -232,20 +275,36 @@ def encode_frames(model: SAM2, frames: Array, batch: int = 8, progress: bool = F
     model.check_images(frames)
     t = frames.shape[0]
     graphdef, state = nnx.split(model)
+    devs = encode_devices(devices)
+    if len(devs) > 1:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        mesh = Mesh(np.asarray(devs), (ENCODE_AXIS,))
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        to_mesh = NamedSharding(mesh, P(ENCODE_AXIS))
+        encoder = _sharded_encoder(graphdef, mesh)
+        step = batch * len(devs)
+    else:
+        step = batch
     chunks = []
-    rng = range(0, t, batch)
+    rng = range(0, t, step)
     if progress:
         from tqdm.auto import tqdm
 
         rng = tqdm(rng, desc="encode frames", unit="batch")
     for start in rng:
-        x = frames[start : start + batch]
+        x = frames[start : start + step]
         n = x.shape[0]
-        if n < batch:
-            x = jnp.concatenate([x, jnp.zeros((batch - n,) + x.shape[1:], x.dtype)])
-        out = _encode_chunk_jit(graphdef, state, x)
-        chunks.append(jax.tree.map(lambda a: a[:n], out["fpn"]))
-        pos = out["pos"]
+        if n < step:
+            x = jnp.concatenate([x, jnp.zeros((step - n,) + x.shape[1:], x.dtype)])
+        if len(devs) > 1:
+            fpn, pos = encoder(state, jax.device_put(x, to_mesh))
+            # Gather onto the first device: the tracker reads frames in data-dependent order.
+            fpn, pos = jax.device_put((fpn, [p[:1] for p in pos]), devs[0])
+        else:
+            out = _encode_chunk_jit(graphdef, state, x)
+            fpn, pos = out["fpn"], out["pos"]
+        chunks.append([a[:n] for a in fpn])
     fpn = [jnp.concatenate([c[i] for c in chunks]) for i in range(3)]
     return {"fpn": fpn, "pos": pos}
 
@@ -698,7 +757,8 @@ def track(
     frames = as_frames(frames)
     model.check_images(frames)
     check_prompts(prompts, frames.shape[0], model.image_size)
-    feats = encode_frames(model, frames, batch=config.encode_batch, progress=progress)
+    feats = encode_frames(model, frames, batch=config.encode_batch, progress=progress,
+                          devices=config.encode_devices)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)
     out = _propagate_jit(graphdef, state, feats, prompts, key, config, direction)

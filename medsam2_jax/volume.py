@@ -431,7 +431,8 @@ def segment_volume_detailed(model: SAM2, pre: Any, prompt: Mapping[str, Any], co
     for a in axes_needed:
         if a:
             axis_frames[a] = to_orientation(image, ORIENTATIONS[a], nframes[a], cfg.interp)
-    feats = {a: encode_frames(model, jnp.asarray(axis_frames[a]), batch=tb) for a in axes_needed}
+    feats = {a: encode_frames(model, jnp.asarray(axis_frames[a]), batch=tb, devices=cfg.tracker.encode_devices)
+             for a in axes_needed}
     length = {a: axis_frames[a].shape[0] for a in axes_needed}
 
     def block_idx(axis: int, rev: bool, start: int) -> np.ndarray:
