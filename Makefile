@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/image_encoder.py
 	$(BIN)/python benchmarks/tracking.py
 	$(BIN)/python benchmarks/roofline.py --results benchmarks/results/tracking.json --out benchmarks/results/roofline.json
+	$(BIN)/python benchmarks/tracking.py --repeats 3 --encode-devices 2 --out benchmarks/results/tracking_encode_devices2.json
 	$(BIN)/python benchmarks/memory_bank.py
 	$(BIN)/python benchmarks/data_pipeline.py
 

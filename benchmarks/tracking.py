@@ -23,6 +23,7 @@ Examples:
     python benchmarks/tracking.py                                   # tiny, 64 slices at 256 and 512
     python benchmarks/tracking.py --image-sizes 256 --frames 16 --repeats 3
     python benchmarks/tracking.py --single-thread                   # per-core comparison on a shared machine
+    python benchmarks/tracking.py --encode-devices 2                # encoder frames split over 2 CPU devices
     python benchmarks/tracking.py --image-sizes 1024 --no-torch --matmul-precision default  # a GPU, fp32/TF32
     python benchmarks/tracking.py --image-sizes 1024 --dtype bfloat16 --no-torch --peak-tflops 989  # a GPU
 
