@@ -16,10 +16,8 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -145,34 +143,6 @@ def bench_setting(torch_enc, jax_enc, size: int, batch: int, args) -> dict:
     }
 
 
-def machine_info() -> dict:
-    import jax
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import flax
-
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "torch": torch.__version__,
-        "jax_devices": [str(d) for d in jax.devices()],
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def format_table(rows: list[dict]) -> str:
     head = ("model", "size", "batch", "JAX img/s", "PyTorch img/s", "JAX/PyTorch", "best-of-run ratio",
             "JAX compile s", "max abs diff")
@@ -217,6 +187,8 @@ def main(argv=None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
+    from benchmarks.common import machine_info, write_result
+
     info = machine_info()
     load_before = os.getloadavg()
     rows = []
@@ -256,9 +228,7 @@ def main(argv=None) -> int:
         "results": rows,
         "table_markdown": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -33,10 +33,8 @@ On a GPU machine the sam2 package (CPU torch) is no reference for speed: use --n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -276,32 +274,6 @@ def bench_size(size: int, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info() -> dict:
-    import flax
-    import jax
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-            "jax_devices": [str(d) for d in jax.devices()]}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    return info
-
-
 def format_table(rows: list[dict], model: str, dtype: str) -> str:
     torch_on = any("torch" in r for r in rows)
     head = ["model", "size", "slices", "dtype", "phase", "JAX frames/s"]
@@ -363,6 +335,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.torch_threads)
     args.model = name
 
+    from benchmarks.common import machine_info, write_result
+
     info = machine_info()
     load_before = os.getloadavg()
     rows = []
@@ -407,9 +381,7 @@ def main(argv=None) -> int:
         "results": rows,
         "table_markdown": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -377,6 +377,22 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join(r.line() for r in rows)
 
 
+def _add_prompts(predictor, state, prompts: Sequence[dict]) -> None:
+    """Give object 1 its prompts through the predictor's own calls (a mask, or clicks and/or a box)."""
+    for pr in prompts:
+        f = int(pr["frame"])
+        if pr.get("mask") is not None:
+            predictor.add_new_mask(state, f, 1, np.asarray(pr["mask"]) > 0)
+        else:
+            pts = pr.get("points")
+            predictor.add_new_points_or_box(
+                state, f, 1,
+                points=None if pts is None else np.asarray(pts, np.float32),
+                labels=None if pts is None else np.asarray(pr["labels"], np.int32),
+                box=None if pr.get("box") is None else np.asarray(pr["box"], np.float32),
+            )
+
+
 def _collect_outputs(state: dict, ious: dict[int, float], t: int, s4: int) -> dict[str, np.ndarray]:
     """Per-frame outputs of object 0 from a finished predictor ``state``: low-res logits, object scores, the
     IoU the predictor chose (``ious``, recorded by the patched track step) and which frames were tracked.
@@ -443,18 +459,7 @@ def torch_video_reference(
         state["images"] = torch.from_numpy(np.ascontiguousarray(np.transpose(frames, (0, 3, 1, 2))))
         state["video_height"] = state["video_width"] = s
         state["cached_features"] = {}  # init_state warmed the cache with the placeholder JPEG of frame 0
-        for pr in prompts:
-            f = int(pr["frame"])
-            if pr.get("mask") is not None:
-                predictor.add_new_mask(state, f, 1, np.asarray(pr["mask"]) > 0)
-            else:
-                pts = pr.get("points")
-                predictor.add_new_points_or_box(
-                    state, f, 1,
-                    points=None if pts is None else np.asarray(pts, np.float32),
-                    labels=None if pts is None else np.asarray(pr["labels"], np.int32),
-                    box=None if pr.get("box") is None else np.asarray(pr["box"], np.float32),
-                )
+        _add_prompts(predictor, state, prompts)
         for _ in predictor.propagate_in_video(state, reverse=(direction == "backward")):
             pass
         return _collect_outputs(state, ious, t, s // 4)
@@ -554,18 +559,7 @@ def torch_video_track(
         s4 = s // 4
         video_res = np.full((t, s, s), -1024.0, np.float32)
         t0 = time.perf_counter()
-        for pr in prompts:
-            f = int(pr["frame"])
-            if pr.get("mask") is not None:
-                predictor.add_new_mask(state, f, 1, np.asarray(pr["mask"]) > 0)
-            else:
-                pts = pr.get("points")
-                predictor.add_new_points_or_box(
-                    state, f, 1,
-                    points=None if pts is None else np.asarray(pts, np.float32),
-                    labels=None if pts is None else np.asarray(pr["labels"], np.int32),
-                    box=None if pr.get("box") is None else np.asarray(pr["box"], np.float32),
-                )
+        _add_prompts(predictor, state, prompts)
         for f, _, masks in predictor.propagate_in_video(state, reverse=(direction == "backward")):
             video_res[f] = _np(masks)[0, 0]
         total = time.perf_counter() - t0

@@ -1,0 +1,42 @@
+"""What the side-by-side benchmarks share: the machine description and the result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+
+
+def machine_info() -> dict:
+    """CPU model and count, platform, library versions, JAX devices and (if installed) torch's threads."""
+    import flax
+    import jax
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "jax_devices": [str(d) for d in jax.devices()]}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def write_result(out: pathlib.Path, result: dict) -> None:
+    """Write the JSON result (making its folder) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
