@@ -377,6 +377,25 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join(r.line() for r in rows)
 
 
+def _init_state(predictor, frames: np.ndarray, workdir: str | None) -> dict:
+    """The predictor's inference state for (T, S, S, 3) normalised ``frames``: ``init_state`` reads T
+    placeholder JPEGs (it only takes a folder), then its images are replaced by ``frames``."""
+    import os
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    t, s = frames.shape[0], frames.shape[1]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for i in range(t):
+            Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(os.path.join(tmp, f"{i}.jpg"))
+        state = predictor.init_state(video_path=tmp)
+    state["images"] = torch.from_numpy(np.ascontiguousarray(np.transpose(frames, (0, 3, 1, 2))))
+    state["video_height"] = state["video_width"] = s
+    return state
+
+
 def _add_prompts(predictor, state, prompts: Sequence[dict]) -> None:
     """Give object 1 its prompts through the predictor's own calls (a mask, or clicks and/or a box)."""
     for pr in prompts:
@@ -424,12 +443,6 @@ def torch_video_reference(
     prompted frame. Returns ``low_res_masks`` (T, S/4, S/4), ``object_score_logits`` (T,), ``iou`` (T,) and
     ``visited`` (T,); the IoU is that of the chosen mask (1 for a mask prompt, as SAM 2).
     """
-    import os
-    import tempfile
-
-    import torch
-    from PIL import Image
-
     t, s = frames.shape[0], frames.shape[1]
     ious: dict[int, float] = {}
     current = {"frame": None}
@@ -452,12 +465,7 @@ def torch_video_reference(
     predictor.track_step = track_step
     predictor._forward_sam_heads = heads
     try:
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            for i in range(t):
-                Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(os.path.join(tmp, f"{i}.jpg"))
-            state = predictor.init_state(video_path=tmp)
-        state["images"] = torch.from_numpy(np.ascontiguousarray(np.transpose(frames, (0, 3, 1, 2))))
-        state["video_height"] = state["video_width"] = s
+        state = _init_state(predictor, frames, workdir)
         state["cached_features"] = {}  # init_state warmed the cache with the placeholder JPEG of frame 0
         _add_prompts(predictor, state, prompts)
         for _ in predictor.propagate_in_video(state, reverse=(direction == "backward")):
@@ -505,12 +513,7 @@ def torch_video_track(
     ``forward_image``) and ``encode_calls``. With ``features`` (from :func:`torch_frame_features`) no frame
     is encoded again, so ``total_s`` is the propagation alone.
     """
-    import os
-    import tempfile
     import time
-
-    import torch
-    from PIL import Image
 
     if direction not in ("forward", "backward"):
         raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
@@ -546,12 +549,7 @@ def torch_video_track(
     predictor._forward_sam_heads = heads
     predictor.forward_image = forward_image
     try:
-        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            for i in range(t):
-                Image.fromarray(np.zeros((s, s, 3), np.uint8)).save(os.path.join(tmp, f"{i}.jpg"))
-            state = predictor.init_state(video_path=tmp)
-        state["images"] = torch.from_numpy(np.ascontiguousarray(np.transpose(frames, (0, 3, 1, 2))))
-        state["video_height"] = state["video_width"] = s
+        state = _init_state(predictor, frames, workdir)
         # init_state cached the placeholder frame 0; with `features` every frame is a cache hit (the
         # predictor replaces its cache only on a miss).
         state["cached_features"] = dict(features) if features is not None else {}
