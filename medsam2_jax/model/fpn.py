@@ -9,7 +9,7 @@ encoding (a trace-time constant).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +30,16 @@ class _ConvSeq(nnx.Module):
         self.conv = Conv2d(in_ch, out_ch, kernel_size, stride, padding, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
-        conv = self.conv
-        if conv.kernel_size == (1, 1) and conv.strides == (1, 1) and conv.padding == ((0, 0), (0, 0)):
-            # a 1x1 conv is a matmul over channels; XLA's CPU convolution is ~3x slower for it
-            return jnp.einsum("bhwc,co->bhwo", x, conv.kernel[...][0, 0]) + conv.bias[...]
-        return conv(x)
+        return self.conv(x)
+
+
+def _composed_pointwise(x: Array, first: Conv2d, second: Conv2d) -> Array:
+    """``second(first(x))`` for two 1x1 convs, as one matmul with the composed weight and bias."""
+    hi = jax.lax.Precision.HIGHEST
+    w2 = second.kernel[...][0, 0]
+    w = jnp.matmul(first.kernel[...][0, 0], w2, precision=hi)
+    b = jnp.matmul(first.bias[...], w2, precision=hi) + second.bias[...]
+    return jnp.einsum("...c,co->...o", x, w) + b
 
 
 def _upsample_nearest_2x(x: Array) -> Array:
@@ -70,8 +75,19 @@ class FpnNeck(nnx.Module):
         n = len(self.backbone_channel_list)
         self.fpn_top_down_levels = tuple(range(n) if fpn_top_down_levels is None else fpn_top_down_levels)
 
-    def __call__(self, xs: Sequence[Array]) -> tuple[list[Array], list[Array]]:
-        """Trunk levels (highest resolution first) -> (features, position encodings), same order."""
+    def __call__(
+        self, xs: Sequence[Array], heads: Mapping[int, Conv2d] | None = None
+    ) -> tuple[list[Array], list[Array]]:
+        """Trunk levels (highest resolution first) -> (features, position encodings), same order.
+
+        ``heads`` optionally maps an output level to a conv applied to it (SAM 2 passes the mask decoder's
+        ``conv_s0`` / ``conv_s1`` for levels 0 and 1); the level's feature is then the head's output. Where
+        the level is lateral only, no other level reads it and both convs are 1x1, the two are one matmul
+        with the composed weight ``W_lat @ W_head`` and bias ``b_lat @ W_head + b_head`` (exact up to float
+        rounding), so the d_model-channel map of the high-resolution levels is never made: at 512 px that
+        skips a (128, 128, 256) map and 85 % of those levels' FLOPs.
+        """
+        heads = dict(heads or {})
         n = len(self.convs)
         if len(xs) != n:
             raise ValueError(f"FpnNeck expects {n} trunk levels, got {len(xs)}")
@@ -84,17 +100,29 @@ class FpnNeck(nnx.Module):
                 raise ValueError(
                     f"trunk level {i} has {x.shape[-1]} channels, expected {self.backbone_channel_list[n - 1 - i]}"
                 )
-            lateral = self.convs[n - 1 - i](x)
-            if i in self.fpn_top_down_levels and prev is not None:
-                prev = lateral + _upsample_nearest_2x(prev.astype(jnp.float32))
-                if self.fuse_type == "avg":
-                    prev = prev / 2
+            lat_conv = self.convs[n - 1 - i].conv
+            top_down = i in self.fpn_top_down_levels and prev is not None
+            read_below = i > 0 and (i - 1) in self.fpn_top_down_levels
+            head = heads.pop(i, None)
+            if head is not None and not top_down and not read_below and lat_conv.pointwise and head.pointwise:
+                prev = None  # no level below reads this one
+                out[i] = _composed_pointwise(x, lat_conv, head)
             else:
-                prev = lateral
-            out[i] = prev
-            b, h, w, _ = prev.shape
-            pe = jnp.asarray(sine_position_encoding(h, w, self.d_model), dtype=prev.dtype)
+                lateral = lat_conv(x)
+                if top_down:
+                    prev = lateral + _upsample_nearest_2x(prev.astype(jnp.float32))
+                    if self.fuse_type == "avg":
+                        prev = prev / 2
+                else:
+                    prev = lateral
+                out[i] = prev if head is None else head(prev)
+            b, h, w, _ = x.shape
+            # (the dtype the lateral map has, or would have had when composed away)
+            dtype = prev.dtype if prev is not None else jnp.result_type(x.dtype, lat_conv.kernel.dtype)
+            pe = jnp.asarray(sine_position_encoding(h, w, self.d_model), dtype=dtype)
             pos[i] = jnp.broadcast_to(pe[None], (b, h, w, self.d_model))
+        if heads:
+            raise ValueError(f"heads for levels {sorted(heads)}: the neck has levels 0..{n - 1}")
         return out, pos  # type: ignore[return-value]
 
 
@@ -125,24 +153,25 @@ class ImageEncoder(nnx.Module):
         self.scalp = scalp
         self.images_per_step = images_per_step
 
-    def _encode(self, x: Array) -> dict:
-        features, pos = self.neck(self.trunk(x))
+    def _encode(self, x: Array, heads: Mapping[int, Conv2d] | None = None) -> dict:
+        features, pos = self.neck(self.trunk(x), heads)
         if self.scalp > 0:
             features, pos = features[: -self.scalp], pos[: -self.scalp]
         return {"vision_features": features[-1], "vision_pos_enc": pos, "backbone_fpn": features}
 
-    def __call__(self, x: Array) -> dict:
+    def __call__(self, x: Array, heads: Mapping[int, Conv2d] | None = None) -> dict:
+        """``heads``: per FPN level, a conv applied to that level's output (see :meth:`FpnNeck.__call__`)."""
         self.trunk.check_input(x)
         b = x.shape[0]
         step = self.images_per_step
         if step is None:
             step = 1 if jax.default_backend() == "cpu" else 0
         if step == 0 or step >= b:
-            return self._encode(x)
+            return self._encode(x, heads)
         n = -(-b // step)
         if n * step != b:  # pad the batch to whole chunks; the padded images are dropped below
             x = jnp.concatenate([x, jnp.zeros((n * step - b, *x.shape[1:]), x.dtype)], axis=0)
-        out = jax.lax.map(self._encode, x.reshape(n, step, *x.shape[1:]))
+        out = jax.lax.map(lambda xi: self._encode(xi, heads), x.reshape(n, step, *x.shape[1:]))
         return jax.tree.map(lambda a: a.reshape(n * step, *a.shape[2:])[:b], out)
 
 

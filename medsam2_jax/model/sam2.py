@@ -143,10 +143,10 @@ class SAM2(nnx.Module):
         """
         if not isinstance(images, jax.core.Tracer):
             self.check_images(images)  # host-side: rank, channels, size, dtype
-        out = self.image_encoder(images)
+        # conv_s0 / conv_s1 go into the neck, which composes each with its level's 1x1 lateral conv.
+        dec = self.sam_mask_decoder
+        out = self.image_encoder(images, heads={0: dec.conv_s0, 1: dec.conv_s1})
         fpn = list(out["backbone_fpn"])
-        fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
-        fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
         return {"backbone_fpn": fpn, "vision_pos_enc": list(out["vision_pos_enc"]), "vision_features": fpn[-1]}
 
     # ------------------------------------------------------------------ SAM heads
