@@ -69,6 +69,14 @@ class TrackerConfig:
     # runs on the first of them. On CPU, N virtual devices (jax_num_cpu_devices) keep the cores busier.
     encode_devices: int = 1
     remat: bool = False  # rematerialise each step in the backward pass (training long sequences)
+    # Skip steps where no object is active with a lax.cond. Under vmap (a batch of sequences, as in training)
+    # the predicate is batched, so both branches run and every operand, the weights included, is broadcast
+    # per sequence; training turns this off (inactive steps are then computed and dropped: same result).
+    skip_inactive: bool = True
+    # Training: every step also returns all four candidate masks of the decoder (``candidates``) for SAM 2's
+    # best-mask loss; with ``dropout`` memory attention runs its dropout (0.1), one key per scan step.
+    train: bool = False
+    dropout: bool = False
 
     def __post_init__(self):
         def bad(field, expected):
@@ -346,10 +354,31 @@ def conditioning_outputs(model: SAM2, feats: dict[str, Any], prompts: Prompts, c
     use_mask = flat(prompts.mask_valid)
     pick = lambda a, m: jnp.where(use_mask.reshape((-1,) + (1,) * (a.ndim - 1)), m, a)
     out = {k: pick(by_points[k], by_mask[k]) for k in ("low_res_masks", "iou", "object_score_logits", "obj_ptr")}
+    if cfg.train:
+        multi = _num_real_points(labels) <= 1
+        cand, cand_iou, cand_valid = _candidates(by_points, multi)
+        # A mask prompt is its own output: one candidate, the mask's logits.
+        m4 = use_mask[:, None]
+        cand = jnp.where(m4[..., None, None], jnp.broadcast_to(by_mask["low_res_masks"][:, None], cand.shape), cand)
+        cand_iou = jnp.where(m4, by_mask["iou"][:, None], cand_iou)
+        cand_valid = jnp.where(m4, jnp.arange(4)[None] == 0, cand_valid)
+        out.update(candidates=cand, candidates_iou=cand_iou, candidates_valid=cand_valid)
     # The video predictor encodes prompted frames' memories from the binarised low-res mask (preflight).
     mem = model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], True)
     out["maskmem"] = _round_memory(mem, cfg)
     return {k: v.reshape((b, kc) + v.shape[1:]) for k, v in out.items()}
+
+
+def _candidates(sel: dict[str, Array], multimask: Array) -> tuple[Array, Array, Array]:
+    """The masks SAM 2's loss chooses from: (B, 4, h, w) logits (-1024 where the object is absent, as SAM 2
+    fills them), their predicted IoU (B, 4), and which of the 4 tokens were offered: 1..3 for a multimask
+    output, token 0 for a single mask."""
+    present = sel["object_score_logits"] > 0  # (B, 1)
+    masks = jnp.where(present[:, :, None, None], sel["all_low_res_masks"], NO_OBJ_SCORE)
+    multimask = jnp.broadcast_to(jnp.asarray(multimask), (masks.shape[0],))
+    tok = jnp.arange(4)[None]
+    valid = jnp.where(multimask[:, None], tok >= 1, tok == 0)
+    return masks.astype(jnp.float32), sel["all_iou"].astype(jnp.float32), valid
 
 
 def _pointer_tpos(model: SAM2, pos: Array, t_diff_max: int) -> Array:
@@ -376,6 +405,7 @@ def memory_conditioned_features(
     ptr_pos: Array,
     ptr_valid: Array,
     num_frames: int,
+    dropout_key: Array | None = None,
 ) -> Array:
     """SAM 2's ``_prepare_memory_conditioned_features`` over fixed-size slots (B objects).
 
@@ -421,8 +451,10 @@ def memory_conditioned_features(
     memory_mask = jnp.concatenate([fmask, ptr_mask], axis=1)
     curr = top.reshape(b, n, c)
     curr_pos = jnp.broadcast_to(top_pos.reshape(1, n, c), curr.shape)
+    drop = {} if dropout_key is None else {"deterministic": False, "rngs": nnx.Rngs(dropout=dropout_key)}
     out = model.memory_attention(
-        curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=ptr_tokens.shape[1], memory_mask=memory_mask
+        curr, curr_pos, memory, memory_pos, num_obj_ptr_tokens=ptr_tokens.shape[1], memory_mask=memory_mask,
+        **drop,
     )
     return out.reshape(b, h, w, c)
 
@@ -532,7 +564,9 @@ def propagate_with_carry(
         top = fpn[-1]
         desc = bank_lib.make_descriptor(top, grid)
 
-        keys = jax.random.split(step_key, b)
+        # Dropout takes a key of its own; without it the step key is the bank's alone (as in inference).
+        bank_key, dropout_key = jax.random.split(step_key) if cfg.dropout else (step_key, None)
+        keys = jax.random.split(bank_key, b)
         if bcfg.policy == "fifo":
             # SAM 2: the non-conditioning frames 1..num_maskmem-1 steps back, the pointers of the frames up to
             # t_diff_max steps back (both skip prompted frames, which are in the conditioning slots).
@@ -551,6 +585,7 @@ def propagate_with_carry(
         pix = memory_conditioned_features(
             model, top, top_pos, frame, dirn, cond, prompts.valid, prompts.frame_idx,
             view.payload["maskmem"], tidx, view_valid, ptr, ptr_pos, ptr_valid, t,
+            dropout_key=dropout_key,
         )
         pad_c = jnp.zeros((b, 1, 2), jnp.float32)
         pad_l = -jnp.ones((b, 1), jnp.int32)
@@ -587,6 +622,11 @@ def propagate_with_carry(
             "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
             "read_valid": view_valid,
         }
+        if cfg.train:
+            cand, cand_iou, cand_valid = _candidates(out, True)
+            y["candidates"] = jnp.where(is_cond[:, None, None, None], cpick(cond["candidates"]), cand)
+            y["candidates_iou"] = jnp.where(is_cond[:, None], cpick(cond["candidates_iou"]), cand_iou)
+            y["candidates_valid"] = jnp.where(is_cond[:, None], cpick(cond["candidates_valid"]), cand_valid)
         return (bank, ring), y
 
     def skip(carry, xs):
@@ -601,9 +641,15 @@ def propagate_with_carry(
             "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
             "read_valid": jnp.zeros(bank.valid.shape, bool),
         }
+        if cfg.train:
+            y["candidates"] = jnp.full((b, 4, s4, s4), NO_OBJ_SCORE, jnp.float32)
+            y["candidates_iou"] = jnp.zeros((b, 4), jnp.float32)
+            y["candidates_valid"] = jnp.zeros((b, 4), bool)
         return carry, y
 
     def step(carry, xs):
+        if not cfg.skip_inactive:
+            return run(carry, xs)
         return jax.lax.cond(jnp.any(xs[2]), run, skip, carry, xs)
 
     if cfg.remat:
@@ -621,6 +667,10 @@ def propagate_with_carry(
         "iou": jnp.zeros((b, t), jnp.float32),
         "object_score_logits": jnp.full((b, t), NO_OBJ_SCORE, jnp.float32),
     }
+    if cfg.train:
+        res["candidates"] = jnp.full((b, t, 4, s4, s4), NO_OBJ_SCORE, jnp.float32)
+        res["candidates_iou"] = jnp.zeros((b, t, 4), jnp.float32)
+        res["candidates_valid"] = jnp.zeros((b, t, 4), bool)
     res = {kk: v.at[bidx, tgt].set(ys[kk], mode="drop") for kk, v in res.items()}
     res["visited"] = jnp.zeros((b, t), bool).at[bidx, tgt].set(True, mode="drop")
     # Per-step trace in processing order, (steps, B, ...): frame, activity and the bank's content.

@@ -1,0 +1,130 @@
+"""The training step: frames -> image encoder -> tracked sequence through the memory bank -> SAM 2's loss ->
+gradients -> optimiser update, as one jitted function over a device mesh.
+
+A batch holds B sequences of T frames with one object each. The B*T frames are encoded in one call; each
+sequence is then tracked by :func:`medsam2_jax.tracking.propagate` (forward from frame 0, the prompted frame,
+with the prompted and corrected frames as conditioning frames and the configured memory bank), ``vmap``-ped
+over the sequences, with ``TrackerConfig(train=True, skip_inactive=False)``: memory-attention dropout with
+a key per step, the decoder's four candidate masks per frame for the best-mask loss, and no ``lax.cond``
+(whose batched predicate under ``vmap`` would copy every weight per sequence). The loss
+(:mod:`.losses`) is differentiated through the whole scan; ``TrackerConfig.remat`` rematerialises each step
+so that memory stays flat in T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .. import tracking
+from ..model.sam2 import SAM2, resize_bilinear
+from .batch import batch_to_prompts
+from .losses import LossWeights, sequence_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any  # nnx.State of the model's nnx.Param leaves (float32)
+    opt_state: Any
+    key: jax.Array  # typed PRNG key
+
+
+def train_mode(model: SAM2) -> SAM2:
+    """Put ``model`` in training mode in place: the decoder answers a single-mask request with mask token 0
+    (SAM 2's dynamic multimask-via-stability fallback runs only in eval)."""
+    model.sam_mask_decoder.deterministic = False
+    return model
+
+
+def tracker_config(base: tracking.TrackerConfig, *, remat: bool = False, dropout: bool = False
+                   ) -> tracking.TrackerConfig:
+    """``base`` made for training: candidate outputs, no inactive-step ``lax.cond``, float32 memories (SAM 2
+    trains with float32 memories; the bfloat16 rounding is its video predictor's), optional remat/dropout."""
+    return dataclasses.replace(base, train=True, skip_inactive=False, remat=remat, dropout=dropout,
+                               store_memory_bf16=False)
+
+
+def sequence_outputs(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.TrackerConfig,
+                     compute_dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    """Track every sequence of ``batch``: (B, T, 4, S/4, S/4) candidate logits, their IoU predictions and
+    validity, the chosen low-res masks and the object-score logits (B, T)."""
+    images = batch["images"]
+    b, t = images.shape[:2]
+    enc_model = model
+    if compute_dtype != jnp.float32:
+        enc_model = tracking.cast_model(model, compute_dtype)
+        images = images.astype(compute_dtype)
+    enc = enc_model.encode_image(images.reshape((b * t,) + images.shape[2:]))
+    fpn = [f.astype(jnp.float32).reshape((b, t) + f.shape[1:]) for f in enc["backbone_fpn"]]
+    pos = [q[:1].astype(jnp.float32) for q in enc["vision_pos_enc"]]
+    prompts = batch_to_prompts(batch, tcfg.max_cond_frames)
+    keys = jax.random.split(key, b)
+
+    def one(fpn_i, prompts_i, key_i):
+        out = tracking.propagate(model, {"fpn": fpn_i, "pos": pos}, prompts_i, key_i, tcfg, "forward")
+        return {k: out[k][0] for k in ("candidates", "candidates_iou", "candidates_valid", "low_res_masks",
+                                       "object_score_logits")}
+
+    return jax.vmap(one)(fpn, prompts, keys)
+
+
+def loss_and_terms(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.TrackerConfig,
+                   weights: LossWeights = LossWeights(), compute_dtype: Any = jnp.float32):
+    """SAM 2's loss of a batch (see :mod:`.losses`): the candidates are upsampled to the image size
+    (bilinear, as SAM 2 computes its losses on ``high_res_masks``) and scored against the full-size masks."""
+    out = sequence_outputs(model, batch, key, tcfg, compute_dtype)
+    s = batch["masks"].shape[-1]
+    cand = resize_bilinear(out["candidates"], (s, s), antialias=False)
+    return sequence_loss(cand, out["candidates_iou"], out["candidates_valid"], out["object_score_logits"],
+                         batch["masks"].astype(jnp.float32), batch["frame_valid"], weights)
+
+
+def make_train_step(
+    graphdef: Any,
+    rest: Any,
+    tx: optax.GradientTransformation,
+    tcfg: tracking.TrackerConfig,
+    *,
+    weights: LossWeights = LossWeights(),
+    compute_dtype: Any = jnp.float32,
+    schedule: Callable | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)`` (not jitted: :func:`jit_train_step` adds the shardings).
+
+    ``rest``: the model's non-parameter state (constants), closed over. The step's key is
+    ``fold_in(state.key, state.step)``, so a resumed run draws what an uninterrupted one would.
+    """
+
+    def loss_fn(params, batch, key):
+        model = nnx.merge(graphdef, params, rest)
+        return loss_and_terms(model, batch, key, tcfg, weights, compute_dtype)
+
+    def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(state.key, state.step)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key), metrics
+
+    return step
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      key=jax.random.key(seed))
+
+
+def jit_train_step(step_fn, state_sharding, batch_sharding, *, donate: bool = True):
+    """One ``jax.jit`` with the state's and the batch's shardings; the old state's buffers are donated."""
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, None), donate_argnums=(0,) if donate else ())
