@@ -252,6 +252,21 @@ def test_two_process_shards_are_disjoint_and_cover(source):
     np.testing.assert_array_equal(got, ids[1][:4])
 
 
+def test_shards_side_by_side_are_the_global_batches(source):
+    """Blocks, not interleaving: process p's batch g is rows p*B..(p+1)*B-1 of the one-process global batch g,
+    so a 2-host run trains on the same batches, row for row, as a 1-host run with twice the batch."""
+    cfg = _cfg(num_records=12, augment_enabled=False, batch_size=2)
+    one = pl.make_iterator(source, dataclasses.replace(cfg, batch_size=4, shard_index=0, shard_count=1))
+    two = [pl.make_iterator(source, dataclasses.replace(cfg, shard_index=i, shard_count=2)) for i in (0, 1)]
+    for _ in range(3):
+        g = next(one)
+        parts = [next(t) for t in two]
+        for k in g:
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k], err_msg=k)
+    for t in (one, *two):
+        t.close()
+
+
 def test_default_shard_is_the_jax_process():
     import jax
 

@@ -5,8 +5,8 @@ Shape of the pipeline::
     MapDataset.range(num_records)              global record index r = 0, 1, 2, ...
       .seed(cfg.seed)
       .random_map(MakeSequence(source, cfg))   r + grain's per-record Generator -> one training sequence
-      [: per_shard * shard_count]              equal length on every process
-      [shard_index::shard_count]               this JAX process's records
+      block shard                              this JAX process's records: of each global batch of
+                                               shard_count * B records, the process's B consecutive ones
       .batch(B, drop_remainder=True)
       .to_iter_dataset(ReadOptions(...))
       .mp_prefetch(MultiprocessingOptions(num_workers))   (when num_workers > 0)
@@ -473,7 +473,24 @@ def record_dataset(source: CaseSource, cfg: PipelineConfig) -> grain.MapDataset:
             f"fewer than batch_size={cfg.batch_size}"
         )
     ds = grain.MapDataset.range(total).seed(cfg.seed).random_map(MakeSequence(source, cfg))
-    return ds[: per_shard * count][index::count]
+    return grain.MapDataset.range(per_shard).map(_BlockShard(ds, index, count, cfg.batch_size, per_shard))
+
+
+class _BlockShard(grain.transforms.Map):
+    """Shard record j -> global record ``((j // B) * count + index) * B + j % B``: the shards' batch g, side
+    by side in process order, are the one-process global batch g (a multi-host run's global batch equals a
+    single-host run's, row for row). The records after the last whole block (never batched, as batches drop
+    their remainder) are dealt out in turn, so that the shards still cover every record once."""
+
+    def __init__(self, records, index: int, count: int, batch_size: int, per_shard: int):
+        self.records, self.index, self.count, self.b = records, index, count, batch_size
+        self.whole = per_shard - per_shard % batch_size
+
+    def map(self, j):
+        j = int(j)
+        if j < self.whole:
+            return self.records[((j // self.b) * self.count + self.index) * self.b + j % self.b]
+        return self.records[self.whole * self.count + (j - self.whole) * self.count + self.index]
 
 
 def build_dataset(source: CaseSource, cfg: PipelineConfig) -> grain.IterDataset:
