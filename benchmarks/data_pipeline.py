@@ -27,12 +27,12 @@ Then, because a separate throughput number does not show contention (the workers
 CPUs of this machine), the pipeline with the most workers is run *while* the model trains on its batches
 (``overlap``): the time the loop spends in ``next(it)`` is what a training step waits for the data.
 
-Measured (2 CPU cores shared with other jobs, load average ~7; S=256, T=8, B=2, phantoms 192x192x48, hiera_t,
-CPU only): the pipeline gives 2.3 / 2.4 / 2.6 sequences/s with 0 / 1 / 2 workers (reading and preprocessing a
-case, ~0.3 s, dominates: 8 cases and a cache of 2; already preprocessed in-memory cases give ~9 sequences/s);
-the model's forward + backward pass takes ~114 s per sequence (compile ~600 s), so the pipeline is ~300x
-faster than the model here and the training loop waited 0.01 s of 747 s for data. On an accelerator the
-model step is orders of magnitude faster; rerun there and give the pipeline enough workers (and cache) for
+Measured earlier (2 CPU cores shared with other jobs, load average ~7; S=256, T=8, B=2, phantoms
+192x192x48): the pipeline gives 2.3 / 2.4 / 2.6 sequences/s with 0 / 1 / 2 workers (reading and preprocessing a
+case, ~0.3 s, dominates: 8 cases and a cache of 2; already preprocessed in-memory cases give ~9 sequences/s).
+The model's step is several seconds per sequence on this CPU (``benchmarks/train_step.py`` measures it), so
+the pipeline keeps up here. On an accelerator the model step is orders of magnitude faster; rerun there and
+give the pipeline enough workers (and cache) for
 its sequences/s to exceed the model's.
 """
 
@@ -153,117 +153,45 @@ def time_pipeline(source, cfg: pl.PipelineConfig, batches: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model's forward + backward pass on a pipeline batch (a stand-in for the training step).
+# The model's forward + backward pass on a pipeline batch (the training loss, without the optimiser).
 
-#: The batch fields the model step reads (the others stay on the host).
-MODEL_KEYS = ("images", "masks", "frame_valid", "point_coords", "point_labels", "mask_inputs", "mask_valid",
-              "prompted")
-
-
-def batch_to_prompts(batch: dict, num_slots: int):
-    """The pipeline's per-frame prompt arrays -> ``tracking.Prompts`` with one object per sequence.
-
-    ``batch``: (B, T, ...) arrays. The first ``num_slots`` prompted frames (in frame order; frame 0, the
-    initial mask / click / box, always is one) become the conditioning slots; the others are dropped. Jit-able.
-    Returns Prompts with leading axes (B, 1 object, num_slots).
-    """
-    import jax.numpy as jnp
-
-    from medsam2_jax.tracking import Prompts
-
-    prompted = batch["prompted"] & batch["frame_valid"]
-    order = jnp.argsort(~prompted, axis=1, stable=True)[:, :num_slots]  # prompted frames first, in order
-    take = lambda a: jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
-    return Prompts(
-        frame_idx=order[:, None].astype(jnp.int32),
-        valid=take(prompted)[:, None],
-        point_coords=take(batch["point_coords"])[:, None],
-        point_labels=take(batch["point_labels"])[:, None],
-        mask=take(batch["mask_inputs"])[:, None],
-        mask_valid=(take(batch["mask_valid"]) & take(prompted))[:, None],
-    )
-
-
-def downsample_masks(masks, factor: int = 4):
-    """(..., S, S) bool -> (..., S/f, S/f) float32: the fraction of each f x f cell inside the mask."""
-    s = masks.shape[-1]
-    m = masks.astype("float32").reshape(masks.shape[:-2] + (s // factor, factor, s // factor, factor))
-    return m.mean(axis=(-3, -1))
-
-
-def bce_dice_loss(logits, object_logits, target, valid, eps: float = 1.0):
-    """SAM 2's kind of loss over the valid frames of (B, T) sequences.
-
-    ``logits`` / ``target`` (B, T, h, w): pixel-mean BCE with logits + soft Dice, on the frames where the
-    target is present (as SAM 2's training loss, which multiplies the mask losses by the object's presence:
-    where the object is absent the model's masks are the constant -1024); ``object_logits`` (B, T): BCE of
-    the object score against presence, on every valid frame. Each term is averaged over its frames.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    present = (target.sum(axis=(-2, -1)) > 0).astype(jnp.float32)
-    w = valid.astype(jnp.float32)
-    wm = w * present
-    bce = optax.sigmoid_binary_cross_entropy(logits, target).mean(axis=(-2, -1))
-    p = jax.nn.sigmoid(logits)
-    inter, total = (p * target).sum(axis=(-2, -1)), p.sum(axis=(-2, -1)) + target.sum(axis=(-2, -1))
-    dice = 1.0 - (2.0 * inter + eps) / (total + eps)
-    obj = optax.sigmoid_binary_cross_entropy(object_logits, present)
-    return ((bce + dice) * wm).sum() / jnp.maximum(wm.sum(), 1.0) + (obj * w).sum() / jnp.maximum(w.sum(), 1.0)
-
-
-def make_model_step(model_name: str = "sam2.1_hiera_t", image_size: int = 256, *, num_slots: int = 2,
+def make_model_step(model_name: str = "sam2.1_hiera_t", image_size: int = 256, *, num_slots: int = 3,
                     seed: int = 0, tracker_config=None, object_bias: float = 4.0) -> Callable[[dict], Any]:
-    """A callable ``step(batch) -> (loss, grads)`` running a jitted forward + backward pass of a random
-    ``model_name`` at ``image_size`` on a pipeline batch (see the module docstring); ``grads`` has the
-    structure of the model's ``nnx.Param`` state. ``num_slots``: conditioning frames per sequence.
+    """A callable ``step(batch) -> (loss, grads)``: the training loss's forward + backward pass
+    (:func:`medsam2_jax.train.step.loss_and_terms`, SAM 2's loss through the tracked sequence) of a random
+    ``model_name`` at ``image_size``, jitted, without the optimiser update. ``num_slots``: conditioning frames.
 
     ``object_bias`` is added to the object-score head's output bias. A random model scores every object as
     absent, and then its masks are the constant -1024 and no gradient flows through them; with the bias the
-    objects are present, as a trained model finds a visible target. The cost of a step is the same either
-    way (both branches are computed); only the gradient's values differ.
+    objects are present, as a trained model finds a visible target.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from medsam2_jax import api, tracking
+    from medsam2_jax.train.batch import MODEL_KEYS
+    from medsam2_jax.train.step import loss_and_terms, tracker_config as train_tracker, train_mode
 
     model = api.random_model(model_name, image_size, seed=seed)
     head_bias = model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
     head_bias.set_value(head_bias.get_value() + object_bias)
-    tcfg = tracking.TrackerConfig(max_cond_frames=num_slots) if tracker_config is None else tracker_config
+    train_mode(model)
+    base = tracking.TrackerConfig(max_cond_frames=num_slots, cond_slots="max") if tracker_config is None \
+        else tracker_config
+    tcfg = train_tracker(base)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def sequence_logits(m, fpn, pos, prompts, key):
-        # one sequence: frames (T, ...), one object
-        out = tracking.propagate(m, {"fpn": fpn, "pos": pos}, prompts, key, tcfg, "forward")
-        return out["low_res_masks"][0], out["object_score_logits"][0]
+    def loss_fn(p, batch, key):
+        return loss_and_terms(nnx.merge(graphdef, p, rest), batch, key, tcfg)[0]
 
-    def loss_fn(p, r, batch, key):
-        m = nnx.merge(graphdef, p, r)
-        b, t = batch["images"].shape[:2]
-        enc = m.encode_image(batch["images"].reshape((b * t,) + batch["images"].shape[2:]))
-        fpn = [f.reshape((b, t) + f.shape[1:]) for f in enc["backbone_fpn"]]
-        pos = [q[:1] for q in enc["vision_pos_enc"]]
-        prompts = batch_to_prompts(batch, tcfg.max_cond_frames)
-        keys = jax.random.split(key, b)
-        logits, obj = jax.vmap(sequence_logits, in_axes=(None, 0, None, 0, 0))(m, fpn, pos, prompts, keys)
-        target = downsample_masks(batch["masks"], 4)
-        return bce_dice_loss(logits, obj, target, batch["frame_valid"])
-
-    @jax.jit
-    def grad_step(p, r, batch, key):
-        return jax.value_and_grad(loss_fn)(p, r, batch, key)
-
+    grad_step = jax.jit(jax.value_and_grad(loss_fn))
     counter = [0]
 
     def step(batch: dict):
         arrays = {k: jnp.asarray(batch[k]) for k in MODEL_KEYS}
         counter[0] += 1
-        return grad_step(params, rest, arrays, jax.random.key(counter[0]))
+        return grad_step(params, arrays, jax.random.key(counter[0]))
 
     step.params = params  # for callers that inspect the gradient's structure
     return step

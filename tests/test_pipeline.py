@@ -574,9 +574,9 @@ def test_data_package_reexports():
 # ---------------------------------------------------------------------------------------------- benchmark
 
 
-def test_benchmark_prompts_match_the_trackers_packing(source):
-    """benchmarks/data_pipeline.batch_to_prompts (jit-able) == tracking.make_prompts on the same prompts."""
-    from benchmarks import data_pipeline as bench
+def test_train_batch_prompts_match_the_trackers_packing(source):
+    """medsam2_jax.train.batch.batch_to_prompts (jit-able) == tracking.make_prompts on the same prompts."""
+    from medsam2_jax.train import batch as bench
     from medsam2_jax import tracking
 
     kc, P = 2, 4
@@ -612,35 +612,6 @@ def test_benchmark_prompts_match_the_trackers_packing(source):
                 np.testing.assert_array_equal(np.asarray(getattr(got, field)[i, 0])[:n][valid],
                                               np.asarray(getattr(ref, field)[0])[valid], err_msg=field)
     assert kinds == {0, 1, 2}  # masks, clicks and boxes were all checked
-
-
-def test_benchmark_loss_known_answers():
-    import jax.numpy as jnp
-
-    from benchmarks import data_pipeline as bench
-
-    m = np.zeros((1, 2, 8, 8), bool)
-    m[0, 0, :4, :6] = True  # frame 0: cells (0,0) full, (0,1) half; frame 1: object absent
-    small = np.asarray(bench.downsample_masks(jnp.asarray(m), 4))
-    np.testing.assert_array_equal(small[0, 0], [[1.0, 0.5], [0.0, 0.0]])
-    assert not small[0, 1].any()
-    target = jnp.asarray((small > 0.75).astype(np.float32))
-    big = 30.0
-    perfect = jnp.where(target > 0, big, -big)
-    obj = jnp.asarray([[big, -big]])  # present on frame 0, absent on frame 1
-    valid = jnp.asarray([[True, True]])
-    assert float(bench.bce_dice_loss(perfect, obj, target, valid)) < 1e-6
-    # all-wrong frame 0: BCE = big per pixel; Dice: no overlap, 3 predicted + 1 target pixels, eps = 1:
-    # 1 - 1 / (4 + 1) = 0.8
-    wrong = -perfect
-    np.testing.assert_allclose(float(bench.bce_dice_loss(wrong, obj, target, valid)), big + 0.8, rtol=1e-5)
-    # the object head's BCE counts on every valid frame; frame 1's masks do not count (object absent)
-    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect, -obj, target, valid)), big, rtol=1e-5)
-    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect.at[0, 1].set(big), obj, target, valid)), 0.0,
-                               atol=1e-6)
-    # an invalid frame counts for nothing
-    np.testing.assert_allclose(float(bench.bce_dice_loss(perfect, obj.at[0, 1].set(big), target,
-                                                         jnp.asarray([[True, False]]))), 0.0, atol=1e-6)
 
 
 def test_benchmark_runs_with_a_model_step():

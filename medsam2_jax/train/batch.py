@@ -31,9 +31,3 @@ def batch_to_prompts(batch: dict, num_slots: int) -> Prompts:
         mask_valid=(take(batch["mask_valid"]) & take(prompted))[:, None],
     )
 
-
-def downsample_masks(masks, factor: int = 4):
-    """(..., S, S) bool -> (..., S/f, S/f) float32: the fraction of each f x f cell inside the mask."""
-    s = masks.shape[-1]
-    m = masks.astype("float32").reshape(masks.shape[:-2] + (s // factor, factor, s // factor, factor))
-    return m.mean(axis=(-3, -1))

@@ -84,8 +84,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl's global flags
-        train(config.value, workdir.value)
+        result = train(config.value, workdir.value)
     except ConfigError as e:
         _usage_error(str(e))
     except CheckpointMismatch as e:
         _usage_error(str(e))
+    if result.get("interrupted"):
+        sys.exit(128 + int(result["interrupted"]))  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them

@@ -65,7 +65,6 @@ def _get(c, field: str) -> Any:
 
 def validate(c) -> None:
     """Raise :class:`ConfigError` for the first field that is wrong."""
-    from ..data.pipeline import PipelineConfig  # noqa: F401  (data fields are checked when the pipeline is built)
 
     _choice(c, "model", sorted(MODEL_NAMES))
     v = _get(c, "image_size")

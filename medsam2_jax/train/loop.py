@@ -19,11 +19,9 @@ checkpoint at the current step and exit (status 143 / 130).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any

@@ -95,10 +95,12 @@ def make_train_step(
     weights: LossWeights = LossWeights(),
     compute_dtype: Any = jnp.float32,
     schedule: Callable | None = None,
+    return_grads: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` (not jitted: :func:`jit_train_step` adds the shardings).
 
-    ``rest``: the model's non-parameter state (constants), closed over. The step's key is
+    ``rest``: the model's non-parameter state (constants), closed over. ``return_grads`` adds the gradients
+    to the metrics (tests compare them across meshes). The step's key is
     ``fold_in(state.key, state.step)``, so a resumed run draws what an uninterrupted one would.
     """
 
@@ -114,6 +116,8 @@ def make_train_step(
         metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
+        if return_grads:  # for tests: the gradients themselves
+            metrics["grads"] = grads
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, key=state.key), metrics
 
     return step

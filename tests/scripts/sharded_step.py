@@ -1,0 +1,103 @@
+"""One training step on 8 virtual CPU devices: a single device against meshes 8x1, 1x8 and 2x4.
+
+Run by tests/test_train_sharding.py in a subprocess (the device count must be set before JAX starts).
+Prints one JSON line: per mesh, the max |error| of the loss, of every gradient and of the updated
+parameters relative to the single-device step, and how the parameters were placed.
+"""
+
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
+if os.environ.get("MEDSAM2_JAX_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["MEDSAM2_JAX_CACHE"])
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from medsam2_jax import api, tracking  # noqa: E402
+from medsam2_jax.train import optim, sharding  # noqa: E402
+from medsam2_jax.train.step import init_state, jit_train_step, make_train_step, tracker_config, train_mode  # noqa: E402
+
+S, T, B = 64, 2, 8
+
+
+def make_batch():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:S, :S]
+    masks = np.zeros((B, T, S, S), bool)
+    pc = np.zeros((B, T, 8, 2), np.float32)
+    pl = -np.ones((B, T, 8), np.int32)
+    for b in range(B):
+        cy, cx, r = rng.uniform(20, 44), rng.uniform(20, 44), rng.uniform(6, 12)
+        for t in range(T):
+            masks[b, t] = (yy - cy - 2 * t) ** 2 + (xx - cx) ** 2 < r * r
+        if b % 2:
+            pc[b, 0, :2] = [[cx - r, cy - r], [cx + r, cy + r]]
+            pl[b, 0, :2] = [2, 3]
+        else:
+            pc[b, 0, 0] = [cx, cy]
+            pl[b, 0, 0] = 1
+    images = rng.normal(size=(B, T, S, S, 3)).astype(np.float32) + masks[..., None] * 2.0
+    return dict(images=images, masks=masks, frame_valid=np.ones((B, T), bool), point_coords=pc, point_labels=pl,
+                mask_inputs=np.zeros((B, T, S, S), np.float32), mask_valid=np.zeros((B, T), bool),
+                prompted=np.eye(T, dtype=bool)[0][None].repeat(B, 0))
+
+
+def main():
+    model = api.random_model("sam2.1_hiera_t", S, seed=1)
+    bias = model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
+    bias.set_value(bias.get_value() + 4.0)  # the random model finds the object: mask losses have gradients
+    train_mode(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx, sched = optim.make_optimizer(params, lr=1e-3, total_steps=10, warmup_steps=0)
+    tcfg = tracker_config(tracking.TrackerConfig(max_cond_frames=1, cond_slots="max",
+                                                 bank=tracking.bank_lib.BankConfig(policy="fifo")))
+    fn = make_train_step(graphdef, rest, tx, tcfg, schedule=sched, return_grads=True)
+    batch = make_batch()
+    results = {}
+    ref = None
+    for name, shape in (("single", (1, 1)), ("8x1", (8, 1)), ("1x8", (1, 8)), ("2x4", (2, 4))):
+        devs = jax.devices()[: shape[0] * shape[1]]
+        mesh = sharding.make_mesh(*shape, devices=devs)
+        state = init_state(jax.tree.map(jnp.copy, params), tx, 0)  # the step donates its input
+        st_sh = sharding.state_shardings(state, params, mesh)
+        b_sh = NamedSharding(mesh, sharding.BATCH_SPEC)
+        state = jax.device_put(state, st_sh)
+        gb = {k: jax.device_put(v, b_sh) for k, v in batch.items()}
+        step = jit_train_step(fn, st_sh, b_sh)
+        new, m = step(state, gb)
+        kernel = new.params["memory_attention"]["layers"][0]["linear1"]["kernel"]
+        out = {
+            "loss": np.asarray(m["loss"]),
+            "grads": jax.tree.map(np.asarray, m["grads"]),
+            "params": jax.tree.map(np.asarray, new.params),
+            "kernel_spec": str(kernel.sharding.spec),
+            "kernel_shard": list(kernel.addressable_shards[0].data.shape),
+        }
+        if ref is None:
+            ref = out
+            results[name] = {"loss": float(out["loss"]), "grad_max": float(max(
+                np.abs(g).max() for g in jax.tree.leaves(out["grads"])))}
+            continue
+        gerr = [float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+                for a, b in zip(jax.tree.leaves(out["grads"]), jax.tree.leaves(ref["grads"]))]
+        perr = [float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out["params"]), jax.tree.leaves(ref["params"]))]
+        results[name] = {
+            "loss_err": float(abs(out["loss"] - ref["loss"])), "loss": float(out["loss"]),
+            "grad_rel_err_max": max(gerr), "grad_rel_err_median": float(np.median(gerr)),
+            "param_err_max": max(perr), "n_tensors": len(gerr),
+            "kernel_spec": out["kernel_spec"], "kernel_shard": out["kernel_shard"],
+            "describe": sharding.describe(params, mesh),
+        }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

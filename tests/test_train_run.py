@@ -1,0 +1,132 @@
+"""``python train.py`` end to end on CPU (small: 64 px, 3 frames, phantoms): a run killed by SIGTERM and
+started again ends with exactly the parameters of a run that was never interrupted; a checkpoint of another
+config or a damaged one is a clear error (exit 2) that leaves the workdir as it was; the workdir holds what
+the README lists.
+
+Both runs use the self-sorting bank with its resampling and memory-attention dropout on, so that the
+test covers the keys threaded through the scan (each step's key is ``fold_in(seed key, step)``).
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = os.environ.get("MEDSAM2_JAX_CACHE", str(ROOT / ".jax_cache"))
+STEPS = 16
+ARGS = ["--config=configs/demo.py", "--config.image_size=64", "--config.num_frames=3", "--config.batch_size=2",
+        f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.checkpoint_every=5",
+        "--config.warmup_steps=2", "--config.data.realct=False", "--config.data.phantoms=2",
+        "--config.data.phantom_shape=(64, 64, 16)", "--config.bank.policy=self_sorting", "--config.dropout=True",
+        "--config.progress=False", f"--compile_cache={CACHE}"]
+
+pytestmark = pytest.mark.slow
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "train.py", *ARGS, f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, *extra, check=True):
+    r = subprocess.run(_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _rows(workdir):
+    with open(Path(workdir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _params(workdir):
+    from medsam2_jax import api
+
+    m = api.load_model(Path(workdir) / "model")
+    from flax import nnx
+
+    return jax.tree.map(np.asarray, nnx.state(m, nnx.Param))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    d = tmp_path_factory.mktemp("straight")
+    r = _run(d)
+    return d, r
+
+
+def test_uninterrupted_run_writes_the_workdir(straight):
+    d, r = straight
+    for name in ("config.json", "metrics.csv", "curves.png", "model/medsam2.json", "tensorboard"):
+        assert (d / name).exists(), name
+    steps = sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == STEPS and len(steps) <= 3  # every 5 steps and at the end, 3 kept
+    rows = _rows(d)
+    assert [int(x["step"]) for x in rows] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(float(x["loss"])) for x in rows)
+    assert float(rows[0]["lr"]) == 0.0 and float(rows[2]["lr"]) > 0  # warmup
+    assert json.loads((d / "config.json").read_text())["image_size"] == 64
+    assert "checkpoints" in r.stdout and "metrics.csv" in r.stdout  # the layout is printed
+
+
+def test_sigterm_then_resume_ends_with_the_same_parameters(straight, tmp_path):
+    ref_dir, _ = straight
+    d = tmp_path / "killed"
+    p = subprocess.Popen(_cmd(d), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if (d / "metrics.csv").exists() and len(_rows(d)) >= 7:
+            break
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "interrupted" in out
+    stopped = int(_rows(d)[-1]["step"])
+    assert 7 <= stopped < STEPS, "the run must be stopped mid-way"
+    saved = sorted(int(x.name) for x in (d / "checkpoints").iterdir() if x.name.isdigit())
+    assert saved[-1] == stopped  # a checkpoint at the step it stopped, not only at the last multiple of 5
+    r = _run(d)
+    assert "resumed from" in r.stdout
+    rows, ref_rows = _rows(d), _rows(ref_dir)
+    assert [x["step"] for x in rows] == [x["step"] for x in ref_rows]  # no step lost or repeated
+    assert [x["loss"] for x in rows] == [x["loss"] for x in ref_rows]  # the same batches and keys
+    a, b = _params(d), _params(ref_dir)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_incompatible_or_damaged_checkpoint_is_a_clear_error(straight, tmp_path):
+    src, _ = straight
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    r = _run(d, "--config.image_size=96", check=False)
+    assert r.returncode == 2
+    assert "image_size=64" in r.stderr and "image_size=96" in r.stderr and "another --workdir" in r.stderr
+    r = _run(d, "--config.model=sam2.1_hiera_s", check=False)
+    assert r.returncode == 2 and "model" in r.stderr
+    after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert after == before  # a failed start writes nothing
+    # damage the newest checkpoint's state
+    newest = max(int(x.name) for x in (d / "checkpoints").iterdir() if x.name.isdigit())
+    for f in (d / "checkpoints" / str(newest) / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    r = _run(d, f"--config.total_steps={STEPS + 2}", check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert str(newest) in r.stderr and "another --workdir" in r.stderr
+    assert (d / "config.json").read_bytes() == before[d / "config.json"]
