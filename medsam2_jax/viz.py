@@ -76,9 +76,12 @@ def draw_overlay(
     vmin: float | None = None,
     vmax: float | None = None,
     legend: bool = False,
+    pred_fill: bool = True,
+    pred_label: str = "prediction",
 ) -> None:
-    """Draw one slice on a matplotlib ``Axes``: grey image, ground-truth contour, prediction fill and contour,
-    prompt box and clicks (labels 1 positive, 0 negative; -1 padding and 2/3 box corners are skipped)."""
+    """Draw one slice on a matplotlib ``Axes``: grey image, ground-truth contour, prediction fill and contour
+    (outline only with ``pred_fill=False``), prompt box and clicks (labels 1 positive, 0 negative; -1 padding
+    and 2/3 box corners are skipped)."""
     img = _grey(image)
     g = _mask(gt, img.shape, "gt")
     p = _mask(pred, img.shape, "pred")
@@ -88,9 +91,10 @@ def draw_overlay(
         vmax = hi if vmax is None else vmax
     ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
     if p is not None and p.any():
-        rgba = np.zeros(img.shape + (4,), np.float32)
-        rgba[p] = (1.0, 0.19, 0.19, 0.35)
-        ax.imshow(rgba, interpolation="nearest")
+        if pred_fill:
+            rgba = np.zeros(img.shape + (4,), np.float32)
+            rgba[p] = (1.0, 0.19, 0.19, 0.35)
+            ax.imshow(rgba, interpolation="nearest")
         ax.contour(p.astype(np.float32), levels=[0.5], colors=[PRED_COLOR], linewidths=1.0)
     if g is not None and g.any():
         ax.contour(g.astype(np.float32), levels=[0.5], colors=[GT_COLOR], linewidths=1.2)
@@ -119,8 +123,9 @@ def draw_overlay(
     if title:
         ax.set_title(title, fontsize=9)
     if legend:
-        handles = [Line2D([], [], color=GT_COLOR, lw=1.2, label="ground truth"),
-                   Patch(facecolor=PRED_COLOR, alpha=0.5, edgecolor=PRED_COLOR, label="prediction")]
+        handles = [] if g is None else [Line2D([], [], color=GT_COLOR, lw=1.2, label="ground truth")]
+        handles.append(Patch(facecolor=PRED_COLOR, alpha=0.5, edgecolor=PRED_COLOR, label=pred_label) if pred_fill
+                       else Line2D([], [], color=PRED_COLOR, lw=1.0, label=pred_label))
         if box is not None:
             handles.append(Patch(fill=False, edgecolor=BOX_COLOR, label="box prompt"))
         if points is not None:

@@ -158,8 +158,9 @@ def test_modalities_without_clipping_and_ct_needs_stats():
     mri = preprocess_image_2d(img, None, "MRI", size=8)
     assert pet.norm.low is None and pet.norm.mean == pytest.approx(img.mean())
     assert mri.norm.high < 1000.0
-    with pytest.raises(DataError, match="CT normalisation needs global foreground statistics"):
-        preprocess_image_2d(img, None, "CT", size=8)
+    unlabelled = preprocess_image_2d(img, None, "CT", size=8)  # default window and statistics, no labels
+    assert unlabelled.norm.window == (40.0, 400.0)
+    assert (unlabelled.norm.mean, unlabelled.norm.std) == (40.0, 100.0)
     st = CTStats(0.0, 100.0, 50.0, 10.0, WINDOWS["soft_tissue"])
     ct = preprocess_image_2d(img, None, "CT", size=8, ct_stats=st)
     np.testing.assert_allclose(ct.image[0, 0, 0, 0], (100.0 - 50.0) / 10.0, **F32)

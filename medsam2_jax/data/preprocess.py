@@ -16,7 +16,8 @@ A 3D volume (canonical RAS+, see :mod:`medsam2_jax.data.io`) goes through, in th
      clip to the 0.5 / 99.5 percentiles of the foreground (labelled) voxels and subtract the foreground
      mean and divide by the foreground standard deviation. The statistics are *global*: compute them over
      the training set with :func:`compute_ct_stats` and pass them as ``ct_stats``; without them they are
-     computed from this case's own labels. Mean and std are those of the windowed *and clipped* foreground
+     computed from this case's own labels, and a case without labels (inference on one's own scan) gets
+     :func:`default_ct_stats`: the window mapped to [-2, 2] (mean = level, std = width / 4). Mean and std are those of the windowed *and clipped* foreground
      voxels (so the foreground of a single case comes out with mean 0 and std 1).
    * MRI, X-ray, ultrasound, mammography, OCT: per image, clip to the 0.5 / 99.5 percentiles, then z-score
      with the mean/std of the clipped values. Other modalities (PET, fundus, dermoscopy, endoscopy,
@@ -150,6 +151,21 @@ def compute_ct_stats(
     low, high = np.percentile(values, PERCENTILES)
     clipped = np.clip(values, low, high)
     return CTStats(float(low), float(high), float(clipped.mean()), float(clipped.std()), w)
+
+
+#: HU range used as the "window" of :func:`default_ct_stats` when windowing is off (``window=None``).
+DEFAULT_CT_RANGE = (-1024.0, 3071.0)
+
+
+def default_ct_stats(window: str | tuple[float, float] | None = DEFAULT_WINDOW) -> CTStats:
+    """Fixed statistics for CT without labels or dataset statistics (one's own unlabelled scan): clip to the
+    window ``[level - width/2, level + width/2]`` and z-score with mean = level, std = width / 4, so the
+    window maps to [-2, 2] (soft tissue, the default: -160..240 HU -> -2..2, 0.01 per HU). With
+    ``window=None`` the range :data:`DEFAULT_CT_RANGE` stands in for the window. This is not the paper's
+    global foreground z-score, which needs labelled training data (:func:`compute_ct_stats`)."""
+    w = resolve_window(window)
+    lo, hi = (w[0] - w[1] / 2.0, w[0] + w[1] / 2.0) if w is not None else DEFAULT_CT_RANGE
+    return CTStats(float(lo), float(hi), float((lo + hi) / 2.0), float((hi - lo) / 4.0), w)
 
 
 def normalize_ct(image_hu: np.ndarray, stats: CTStats) -> np.ndarray:
@@ -520,10 +536,10 @@ def _normalize(image: np.ndarray, modality: str, use_mask: bool, nonzero: np.nda
         if window == "stats":
             window = ct_stats.window if ct_stats is not None else DEFAULT_WINDOW
         if ct_stats is None:
-            if labels is None or not np.any(labels > 0):
-                raise DataError(source, "CT normalisation needs global foreground statistics, and this case has "
-                                "no labelled voxel", "ct_stats=compute_ct_stats(training cases) or labels")
-            ct_stats = compute_ct_stats([(image, labels)], window)
+            if labels is None or not np.any(labels > 0):  # unlabelled CT (inference on one's own scan)
+                ct_stats = default_ct_stats(window)
+            else:
+                ct_stats = compute_ct_stats([(image, labels)], window)
         elif resolve_window(window) != ct_stats.window:
             raise ValueError(f"window {resolve_window(window)} differs from the window {ct_stats.window} the "
                              "ct_stats were computed with")
