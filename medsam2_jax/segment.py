@@ -527,6 +527,9 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     else:
         size, size_src = DEFAULT_RANDOM_SIZE, "the default for --random-weights"
 
+    if a.frames is not None and a.frames > size:
+        ap.error(f"argument --frames: {a.frames} exceeds the frame size S = {size}; valid range 1..{size}")
+
     # Input and prompt checks: everything that can be wrong is found before the model is built.
     t = time.perf_counter()
     vol, src = _load_input(ap, a.input)
@@ -552,8 +555,17 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     log.say(f"modality: {mod_note}")
     t_read = time.perf_counter() - t
 
+    # Model.
     t = time.perf_counter()
-    window = a.window if modality == "CT" else None
+    _setup_compile_cache(a.compile_cache)
+    if a.random_weights:
+        log.say(f"model: RANDOM weights ({a.model_name}, seed {a.seed}) -- the mask will be meaningless")
+    else:
+        log.say(f"model: loading {a.model} ({meta['model_name']})")
+    model = _model(ap, a, size)
+    t_model = time.perf_counter() - t
+
+    t = time.perf_counter()
     try:
         pre = preprocess.preprocess_case(vol, None, modality, size, window=a.window,
                                          slice_axis=coords.prompt_slice_axis(vol))
@@ -570,24 +582,12 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
             + (f", box {np.round(prompt.box, 1).tolist()} px" if prompt.box is not None else "")
             + (f", clicks {np.round(prompt.points, 1).tolist()} px" if prompt.points is not None else ""))
 
-    # Model.
-    t = time.perf_counter()
-    _setup_compile_cache(a.compile_cache)
-    if a.random_weights:
-        log.say(f"model: RANDOM weights ({a.model_name}, seed {a.seed}) -- the mask will be meaningless")
-    else:
-        log.say(f"model: loading {a.model} ({meta['model_name']})")
-    model = _model(ap, a, size)
-    t_model = time.perf_counter() - t
-
     # Segmentation.
     import jax
 
     from . import volume
 
     cfg = volume.VolumeConfig(orientations=a.orientation_names, frames=a.frames)
-    if a.frames is not None and a.frames > size:
-        ap.error(f"argument --frames: {a.frames} exceeds the frame size S = {size}; valid range 1..{size}")
     log.say(f"segmenting with {len(cfg.orientations)} orientation(s) ({', '.join(cfg.orientations)}), bank "
             f"{cfg.tracker.bank.policy}, scope {cfg.scope}; the first run compiles (minutes on a CPU, cached after)")
     t = time.perf_counter()
