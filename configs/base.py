@@ -69,4 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.p_click = 0.25
     c.data.p_box = 0.25
     c.data.max_correct_frames = 2  # frames with a simulated corrective click (frame 0 included)
+    # ---------------------------------------------------------------- held-out evaluation (at the start and end)
+    c.eval = ml_collections.ConfigDict()
+    c.eval.phantoms = 0  # held-out phantom cases per modality (other seeds than the training phantoms)
+    c.eval.dataset_dirs = ()  # held-out dataset folders
+    c.eval.batches = 2  # batches of batch_size sequences; 0 = no evaluation
     return c

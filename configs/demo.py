@@ -19,4 +19,6 @@ def get_config():
     c.data.phantom_shape = (96, 96, 32)
     c.data.realct = True
     c.data.realct_structures = ("liver", "heart")
+    c.eval.phantoms = 2
+    c.eval.batches = 4
     return c

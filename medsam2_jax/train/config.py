@@ -118,6 +118,10 @@ def validate(c) -> None:
         raise ConfigError("data.dataset_dirs", f"got the string {dirs!r}, expected a tuple of folders, e.g. "
                                                f"\"('{dirs}',)\"")
     _int(c, "data.phantoms", 0)
+    _int(c, "eval.phantoms", 0)
+    _int(c, "eval.batches", 0)
+    if isinstance(_get(c, "eval.dataset_dirs"), str):
+        raise ConfigError("eval.dataset_dirs", "expected a tuple of folders")
     _int(c, "data.num_workers", 0)
     _int(c, "data.cache_size", 0)
     _int(c, "data.max_correct_frames", 0)

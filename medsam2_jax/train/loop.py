@@ -8,6 +8,7 @@
     WORKDIR/tensorboard/       TensorBoard events of the same metrics
     WORKDIR/curves.png         loss terms, Dice and learning rate against the step (at the end)
     WORKDIR/model/             the final parameters as a model directory (medsam2_jax.load_model reads it)
+    WORKDIR/eval.json          held-out Dice against the copy-mask baseline, at the start and the end
     WORKDIR/data/              generated phantoms, when the config asks for them
 
 Resuming: the same command with the same ``--workdir`` restores the latest checkpoint (parameters,
@@ -19,6 +20,7 @@ checkpoint at the current step and exit (status 143 / 130).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -87,28 +89,34 @@ def pipeline_config(c, shard_index: int, shard_count: int):
     )
 
 
-def make_source(c, workdir: Path):
+def make_source(c, workdir: Path, *, held_out: bool = False):
     """The training cases: dataset folders, generated phantoms (written once under ``workdir/data``), the
-    real CT."""
+    real CT. ``held_out``: the evaluation cases (``c.eval``: phantoms of other seeds, other folders)."""
     from ..data import phantoms
     from ..data import pipeline as pl
 
+    group, field = (c.eval, "eval") if held_out else (c.data, "data")
     sources = []
-    for d in c.data.dataset_dirs:
+    for d in group.dataset_dirs:
         if not Path(d).is_dir():
-            raise ConfigError("data.dataset_dirs", f"{d} is not a folder")
+            raise ConfigError(f"{field}.dataset_dirs", f"{d} is not a folder")
         sources.append(pl.dataset_source(d, int(c.image_size), cache_size=int(c.data.cache_size)))
-    if c.data.phantoms > 0:
+    if group.phantoms > 0:
         shape = tuple(int(x) for x in c.data.phantom_shape)
+        roots = []
         for kind, seed in (("ct", 0), ("mri", 1)):
-            root = workdir / "data" / f"phantoms_{kind}_{c.data.phantoms}_{'x'.join(map(str, shape))}"
+            seed += 1000 if held_out else 0
+            tag = "heldout" if held_out else "phantoms"
+            root = workdir / "data" / f"{tag}_{kind}_{group.phantoms}_{'x'.join(map(str, shape))}"
             if not (root / "dataset.json").exists() and jax.process_index() == 0:
-                phantoms.write_phantom_dataset(root, int(c.data.phantoms), kind, seed=seed, shape=shape)
-            sources.append((root, kind))
+                phantoms.write_phantom_dataset(root, int(group.phantoms), kind, seed=seed, shape=shape)
+            roots.append(root)
         _sync("phantoms")
-        sources = [s if not isinstance(s, tuple) else pl.dataset_source(s[0], int(c.image_size),
-                                                                          cache_size=int(c.data.cache_size))
-                   for s in sources]
+        sources += [pl.dataset_source(r, int(c.image_size), cache_size=int(c.data.cache_size)) for r in roots]
+    if held_out:
+        if not sources:
+            return None
+        return sources[0] if len(sources) == 1 else pl.concat_sources(*sources, cache_size=int(c.data.cache_size))
     if c.data.realct:
         from ..data.realct import realct_available
 
@@ -177,6 +185,7 @@ def layout(workdir: Path) -> str:
     for name, what in (("config.json", "resolved config"), ("checkpoints", "orbax checkpoints"),
                        ("metrics.csv", "metrics per logged step"), ("tensorboard", "TensorBoard events"),
                        ("curves.png", "loss and Dice curves"), ("model", "final model (medsam2_jax.load_model)"),
+                       ("eval.json", "held-out Dice vs the copy-mask baseline"),
                        ("data", "generated phantoms")):
         p = workdir / name
         if p.exists():
@@ -259,6 +268,11 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
+def _eval_line(e: dict) -> str:
+    return (f"held-out evaluation at step {e['step']}: Dice {e['dice']:.3f} (copy-mask baseline "
+            f"{e['copy_mask_dice']:.3f}) over {e['sequences']} sequences")
+
+
 def _host_copy(tree: Any) -> Any:
     """Every (possibly sharded, possibly multi-host) array of ``tree`` as a whole array on this host."""
     if jax.process_count() > 1:
@@ -330,6 +344,26 @@ def train(c, workdir: str | os.PathLike) -> dict:
          f"{shard['replicated']} replicated, {shard['bytes_per_device'] / 2**20:.0f} MiB per device")
     log = MetricsLog(workdir, start)
 
+    # Held-out evaluation (process 0, on a host copy of the parameters): before a fresh start and at the end.
+    held_out = make_source(c, workdir, held_out=True) if c.eval.batches > 0 else None
+    evals = []
+    if held_out is not None:
+        from .evaluate import evaluate, make_predict
+
+        eval_tcfg = dataclasses.replace(tcfg, dropout=False)
+        predict = make_predict(graphdef, _host_copy(rest), eval_tcfg)
+        pcfg_eval = pipeline_config(c, 0, 1)
+        prev = workdir / "eval.json"
+        evals = json.loads(prev.read_text()) if prev.exists() and start > 0 else []
+        evals = [e for e in evals if e["step"] <= start]
+        if start == 0 and jax.process_index() == 0:
+            res = evaluate(predict, _host_copy(state.params), held_out, pcfg_eval, int(c.eval.batches))
+            evals.append(dict(res, step=0))
+            _log(_eval_line(evals[-1]))
+            write_json(workdir / "eval.json", evals)
+        elif start == 0:
+            _host_copy(state.params)  # every process takes part in the gather
+
     def to_global(batch: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k])) for k in MODEL_KEYS}
 
@@ -381,10 +415,16 @@ def train(c, workdir: str | os.PathLike) -> dict:
         return {"step": step, "interrupted": int(interrupted), "workdir": str(workdir)}
     from .. import api
 
-    final = nnx.merge(graphdef, _host_copy(state.params), _host_copy(rest))
+    host_params, host_rest = _host_copy(state.params), _host_copy(rest)
+    final = nnx.merge(graphdef, host_params, host_rest)
     if jax.process_index() == 0:
         api.save_model(final, workdir / "model", source=f"trained by medsam2_jax.train for {step} steps")
         plot_curves(workdir / "metrics.csv", workdir / "curves.png")
+        if held_out is not None:
+            res = evaluate(predict, host_params, held_out, pcfg_eval, int(c.eval.batches))
+            evals.append(dict(res, step=step))
+            _log(_eval_line(evals[-1]))
+            write_json(workdir / "eval.json", evals)
     _sync("end")
     _log(layout(workdir))
     if hasattr(it, "close"):

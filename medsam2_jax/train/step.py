@@ -82,6 +82,14 @@ def loss_and_terms(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.Trac
     out = sequence_outputs(model, batch, key, tcfg, compute_dtype)
     s = batch["masks"].shape[-1]
     cand = resize_bilinear(out["candidates"], (s, s), antialias=False)
+    # A mask prompt is its frame's output: SAM 2 scores the full-size logits (mask * 20 - 10) there, not their
+    # low-res copy upsampled (constant either way; this makes the loss value SAM 2's).
+    prompts = batch_to_prompts(batch, tcfg.max_cond_frames)
+    t = cand.shape[1]
+    by_mask = jnp.any(prompts.mask_valid[:, 0, :, None] & (prompts.frame_idx[:, 0, :, None] == jnp.arange(t)),
+                      axis=1)  # (B, T)
+    full = (batch["mask_inputs"].astype(jnp.float32) * 20.0 - 10.0)[:, :, None]
+    cand = jnp.where(by_mask[:, :, None, None, None] & (jnp.arange(4) == 0)[:, None, None], full, cand)
     return sequence_loss(cand, out["candidates_iou"], out["candidates_valid"], out["object_score_logits"],
                          batch["masks"].astype(jnp.float32), batch["frame_valid"], weights)
 
