@@ -364,7 +364,16 @@ def conditioning_outputs(model: SAM2, feats: dict[str, Any], prompts: Prompts, c
         cand_valid = jnp.where(m4, jnp.arange(4)[None] == 0, cand_valid)
         out.update(candidates=cand, candidates_iou=cand_iou, candidates_valid=cand_valid)
     # The video predictor encodes prompted frames' memories from the binarised low-res mask (preflight).
-    mem = model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], True)
+    # SAM 2's training (SAM2Train.track_step, model.training) encodes them from the sigmoid of the full-size
+    # output instead: no binarising (gradients reach the mask through the memory), and for a mask prompt the
+    # full-size mask logits (mask * 20 - 10), not their low-res copy.
+    if cfg.train:
+        s = model.image_size
+        high = jnp.where(use_mask[:, None, None], flat(prompts.mask) * 20.0 - 10.0,
+                         resize_bilinear(out["low_res_masks"], (s, s), antialias=False))
+        mem = model.encode_memory(top, high, out["object_score_logits"], False)  # (S, S) -> (S, S): identity
+    else:
+        mem = model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], True)
     out["maskmem"] = _round_memory(mem, cfg)
     return {k: v.reshape((b, kc) + v.shape[1:]) for k, v in out.items()}
 
