@@ -2,6 +2,7 @@
 
     medsam2-segment scan.nii.gz --model models/sam2.1_tiny --slice 60 --box 80 90 150 170 --out mask.nii.gz
     medsam2-segment scan.nii.gz --random-weights --slice 60 --point 120 130 --negative-point 90 95
+    medsam2-segment images/ --template images/case_03.png --model models/sam2.1_tiny --box 40 50 120 140
 
 **Prompt coordinates are voxel indices of the input file**, as ITK-SNAP or 3D Slicer show them in voxel
 mode: ``--slice Z`` is an index along the file's third array axis, ``X`` and ``Y`` along its first and second;
@@ -32,8 +33,11 @@ Bad input (a prompt outside the volume, a slice out of range, a mask prompt of t
 non-NIfTI file, a missing or unusable model directory, NaN voxels, ...) exits with status 2 and a message
 naming the argument and the valid range, as ``argparse`` does, before anything is written.
 
-The one-prompt mode for folders of 2D images (``--template``) is not implemented in this command; use
-:func:`medsam2_jax.oneprompt.segment_image_set` from Python.
+**2D one-prompt mode.** With ``--template FILE``, INPUT is a folder of 2D images (PNG, JPEG, ...) and the
+prompt is on the template, in its pixel ``(x, y) = (column, row)`` coordinates (``--mask-prompt``: a PNG or
+``.npy`` mask of the template's shape); every image of the folder is segmented by
+:func:`medsam2_jax.oneprompt.segment_image_set` (template first, then the others by decreasing similarity to
+it). ``--out`` is then a folder: ``<name>_mask.png`` (0/255, each image's own size) and ``overlays/``.
 """
 
 from __future__ import annotations
@@ -123,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="persistent XLA compilation cache ('none' to disable; default $MEDSAM2_JAX_CACHE or "
                    "~/.cache/medsam2_jax/xla)")
     o.add_argument("--quiet", action="store_true", help="print only the final summary")
-    ap.add_argument("--template", default=None, metavar="FILE", help=argparse.SUPPRESS)
+    t = ap.add_argument_group("2D one-prompt mode (INPUT is a folder of PNG/JPEG images)")
+    t.add_argument("--template", default=None, metavar="FILE",
+                   help="the image of INPUT that carries the prompt (--box/--point/--negative-point in its pixel "
+                   "(column, row) coordinates, or --mask-prompt: a PNG/.npy mask of its shape); every image of "
+                   "the folder is segmented (medsam2_jax.oneprompt). --out is then a folder (default "
+                   "./<folder>_masks/) of <name>_mask.png (0/255, each image's own size) and overlays/")
     return ap
 
 
@@ -194,14 +203,18 @@ def _setup_compile_cache(choice: str | None) -> None:
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.template is not None:
-        ap.error("argument --template: the one-prompt mode for folders of 2D images is not implemented in this "
-                 "command; use medsam2_jax.oneprompt.segment_image_set from Python")
     if (a.model is None) == (not a.random_weights):
         ap.error("argument --model: give exactly one of --model DIR (converted weights) or --random-weights")
     if a.image_size is not None and (a.image_size < 32 or a.image_size % 32):
         ap.error(f"argument --image-size: must be a positive multiple of 32 (e.g. 256, 512, 1024), got {a.image_size}")
-    if a.slice is None:
+    if a.template is not None:
+        if a.slice is not None:
+            ap.error("argument --slice: not used with --template (the prompt is on the template image)")
+        if a.probabilities is not None:
+            ap.error("argument --probabilities: not available with --template (2D mode writes mask PNGs)")
+        if a.out is not None and _nifti_name(a.out):
+            ap.error(f"argument --out: with --template it is a folder for the mask PNGs, got {a.out!r}")
+    elif a.slice is None:
         ap.error("argument --slice: required: the prompted slice, an index along the file's third axis")
     if a.box is None and not a.point and not a.negative_point and a.mask_prompt is None:
         ap.error("argument --box: give a prompt: --box X0 Y0 X1 Y1, --point X Y (repeatable), "
@@ -217,7 +230,7 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.frames is not None and a.frames < 1:
         ap.error(f"argument --frames: must be >= 1, got {a.frames}")
     for name, val in (("--out", a.out), ("--probabilities", a.probabilities)):
-        if val is not None and not _nifti_name(val):
+        if val is not None and not _nifti_name(val) and a.template is None:
             ap.error(f"argument {name}: {val!r} must end in .nii or .nii.gz")
     try:
         a.orientation_names = parse_orientations(a.orientations)
@@ -369,6 +382,15 @@ def map_prompt(ap: argparse.ArgumentParser | None, a: argparse.Namespace, grid: 
                               labels=np.asarray(labs, np.int32) if labs else None, box=box)
 
 
+def _prompt_txt(box: Any, points: Any) -> str:
+    out = ""
+    if box is not None:
+        out += f", box {np.round(np.asarray(box, np.float64), 1).tolist()} px"
+    if points is not None:
+        out += f", clicks {np.round(np.asarray(points, np.float64), 1).tolist()} px"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def write_like(path: Path, data_file_grid: np.ndarray, src: Any, dtype: Any) -> Path:
     """Write ``data`` (on the file's voxel grid) with ``src``'s header: its shape, affine and qform/sform (codes
@@ -511,6 +533,170 @@ def instrumented(log: _Log):
         volume.encode_frames, volume._track_blocks = enc0, trk0
 
 
+def _load_2d(ap: argparse.ArgumentParser, arg: str, path: Path, loader) -> np.ndarray:
+    from .data.errors import DataError
+
+    try:
+        return loader(path)
+    except DataError as e:
+        ap.error(f"argument {arg}: {e}")
+
+
+def run_image_set(a: argparse.Namespace, ap: argparse.ArgumentParser, log: _Log, size: int, size_src: str,
+                  t_start: float) -> dict[str, Any]:
+    """The 2D one-prompt mode: every image of the folder ``a.input``, from one prompt on ``a.template``."""
+    import jax
+
+    from . import oneprompt
+    from .data import coords, io, preprocess
+
+    folder = Path(a.input)
+    if not folder.is_dir():
+        ap.error(f"argument INPUT: {a.input}: with --template, INPUT must be a folder of 2D images "
+                 f"({', '.join(io.IMAGE_2D_SUFFIXES)})")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.name.lower().endswith(io.IMAGE_2D_SUFFIXES))
+    if len(files) < 2:
+        ap.error(f"argument INPUT: {a.input} holds {len(files)} image(s) ({', '.join(io.IMAGE_2D_SUFFIXES)}); the "
+                 "one-prompt mode needs the template and at least one other image")
+    tpath = Path(a.template)
+    if not tpath.exists():
+        tpath = folder / a.template
+    names = [p.resolve() for p in files]
+    if tpath.resolve() not in names:
+        ap.error(f"argument --template: {a.template} is not one of the images of {a.input} "
+                 f"({', '.join(p.name for p in files[:6])}{', ...' if len(files) > 6 else ''})")
+    ti = names.index(tpath.resolve())
+    images = [_load_2d(ap, "INPUT", p, io.load_image_2d) for p in files]
+    h, w = images[ti].shape[:2]
+    _check_prompt_ranges_2d(ap, a, (w, h))
+    mask = None
+    if a.mask_prompt is not None:
+        mp = Path(a.mask_prompt)
+        if not mp.is_file():
+            ap.error(f"argument --mask-prompt: {a.mask_prompt}: no such file")
+        mask = np.load(mp, allow_pickle=False) if mp.name.lower().endswith(".npy") else _load_2d(
+            ap, "--mask-prompt", mp, io.load_mask_2d)
+        if np.shape(mask) != (h, w):
+            ap.error(f"argument --mask-prompt: {a.mask_prompt} has shape {np.shape(mask)}; expected the template's "
+                     f"(rows, columns) = {(h, w)}")
+        if not np.any(np.asarray(mask) > 0):
+            ap.error(f"argument --mask-prompt: {a.mask_prompt}: the mask is empty")
+    if a.modality.strip().lower() == "auto":
+        modality, note = "X-ray", "auto: 2D images get the per-image 0.5/99.5 percentile clip and z-score"
+    else:
+        try:
+            modality = io.canonical_modality(a.modality, "--modality")
+        except ValueError as e:
+            ap.error(f"argument --modality: {e}")
+        note = f"--modality {a.modality}"
+    out_dir = Path(a.out) if a.out else Path.cwd() / f"{folder.resolve().name}_masks"
+    log.say(f"{len(files)} images in {a.input}, template {files[ti].name} ({w} x {h} px); modality {modality} ({note})")
+
+    t = time.perf_counter()
+    model = _model(ap, a, size)
+    t_model = time.perf_counter() - t
+    t = time.perf_counter()
+    pres = []
+    for p, img in zip(files, images):
+        try:
+            pres.append(preprocess.preprocess_image_2d(img, None, modality, size, window=a.window, source=p))
+        except ValueError as e:
+            ap.error(f"argument INPUT: {e}")
+    g = pres[ti].grid
+    if mask is not None:
+        fm = coords.image_mask_to_frame(g, mask)
+        if not fm.any():
+            ap.error("argument --mask-prompt: the mask lies in the all-zero border that preprocessing crops away")
+        prompt: dict[str, Any] = {"mask": fm}
+    else:
+        prompt = {}
+        if a.box is not None:
+            prompt["box"] = np.clip(coords.image_box_to_frame(g, a.box), 0, size - 1)
+        pts = [coords.image_point_to_frame(g, x, y) for x, y in [*a.point, *a.negative_point]]
+        if pts:
+            prompt["points"] = np.clip(np.asarray(pts, np.float32), 0, size - 1)
+            prompt["labels"] = np.asarray([1] * len(a.point) + [0] * len(a.negative_point), np.int32)
+    t_pre = time.perf_counter() - t
+    log.say(f"preprocessed to {len(files)} frames of {size} x {size} px (image size {size}: {size_src})"
+            + _prompt_txt(prompt.get("box"), prompt.get("points")))
+    log.say("segmenting the image set from the template (one pass of the tracker, images by decreasing "
+            "similarity to the template; the first run compiles)")
+    t = time.perf_counter()
+    res = oneprompt.segment_image_set(model, np.stack([p.image[0] for p in pres]), ti, prompt,
+                                      key=jax.random.key(a.seed))
+    t_seg = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from PIL import Image
+
+    from . import viz
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, pngs, areas = [], [], []
+    order = list(res.order)  # template first, then by similarity
+    for i, (p, pre) in enumerate(zip(files, pres)):
+        m = preprocess.to_original_grid((res.probs[i] > a.threshold).astype(np.uint8)[None], pre.grid, "mask")
+        path = out_dir / f"{Path(p).stem}_mask.png"
+        tmp = out_dir / f".{path.name}.{os.getpid()}.partial.png"
+        try:
+            Image.fromarray((m > 0).astype(np.uint8) * 255).save(tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        written.append(path)
+        areas.append(int((m > 0).sum()))
+        if order.index(i) < a.overlays:
+            op = out_dir / "overlays" / f"{Path(p).stem}.png"
+            tmp = op.with_name(f".{op.name}.{os.getpid()}.partial.png")
+            try:
+                op.parent.mkdir(parents=True, exist_ok=True)
+                prompted = i == ti
+                viz.save_overlay(tmp, images[i], pred=m, pred_fill=False, pred_label="mask",
+                                 box=a.box if prompted else None,
+                                 points=[*a.point, *a.negative_point] if prompted and (a.point or a.negative_point)
+                                 else None,
+                                 point_labels=[1] * len(a.point) + [0] * len(a.negative_point)
+                                 if prompted and (a.point or a.negative_point) else None,
+                                 title=f"{Path(p).name}" + (" (template)" if prompted else ""))
+                os.replace(tmp, op)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            pngs.append(op)
+    t_io = time.perf_counter() - t
+    timings = {"preprocess_s": round(t_pre, 2), "model_s": round(t_model, 2), "segment_s": round(t_seg, 2),
+               "write_s": round(t_io, 2), "total_s": round(time.perf_counter() - t_start, 2)}
+    print(f"masks: {out_dir}/ ({len(written)} PNGs <name>_mask.png, 0/255 on each image's own grid; mask pixels "
+          f"per image: min {min(areas)}, max {max(areas)})")
+    if pngs:
+        print(f"overlays: {out_dir / 'overlays'}/ ({len(pngs)} PNGs: the template and the images most like it)")
+    print("timings (s): " + ", ".join(f"{k[:-2]} {v}" for k, v in timings.items()))
+    if a.random_weights:
+        print(RANDOM_WEIGHTS_WARNING)
+    return {"masks": [str(p) for p in written], "overlays": [str(p) for p in pngs], "order": order,
+            "image_size": size, "modality": modality, "timings": timings}
+
+
+def _check_prompt_ranges_2d(ap: argparse.ArgumentParser, a: argparse.Namespace, wh: tuple[int, int]) -> None:
+    w, h = wh
+
+    def check(arg: str, x: float, y: float) -> None:
+        if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
+            ap.error(f"argument {arg}: ({x:g}, {y:g}) is outside the template; valid pixels are X (column) in "
+                     f"[0, {w - 1}], Y (row) in [0, {h - 1}]")
+
+    if a.box is not None:
+        check("--box", a.box[0], a.box[1])
+        check("--box", a.box[2], a.box[3])
+        if a.box[2] < a.box[0] or a.box[3] < a.box[1]:
+            ap.error(f"argument --box: X0 Y0 X1 Y1 = {a.box} needs X0 <= X1 and Y0 <= Y1")
+    for arg, pts in (("--point", a.point), ("--negative-point", a.negative_point)):
+        for x, y in pts:
+            check(arg, x, y)
+
+
 def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     """Run the command for parsed arguments; returns a summary (paths, sizes, timings)."""
     t_start = time.perf_counter()
@@ -529,6 +715,9 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
 
     if a.frames is not None and a.frames > size:
         ap.error(f"argument --frames: {a.frames} exceeds the frame size S = {size}; valid range 1..{size}")
+
+    if a.template is not None:
+        return run_image_set(a, ap, log, size, size_src, t_start)
 
     # Input and prompt checks: everything that can be wrong is found before the model is built.
     t = time.perf_counter()
@@ -579,8 +768,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     t_pre = time.perf_counter() - t
     log.say(f"preprocessed to {pre.image.shape[0]} slices of {size} x {size} px (image size {size}: {size_src}); "
             f"prompt on slice {a.slice} = preprocessed slice {prompt.slice}"
-            + (f", box {np.round(prompt.box, 1).tolist()} px" if prompt.box is not None else "")
-            + (f", clicks {np.round(prompt.points, 1).tolist()} px" if prompt.points is not None else ""))
+            + _prompt_txt(prompt.box, prompt.points))
 
     # Segmentation.
     import jax

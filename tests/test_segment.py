@@ -225,7 +225,7 @@ BAD = {
     "out_suffix": (["--slice", "5", *BOX, "--out", "{out}/mask.png"], "--out", ".nii"),
     "modality": (["--slice", "5", *BOX, "--modality", "sonar"], "--modality", "CT, MR"),
     "cropped_slice": (["--slice", "22", *BOX, "--modality", "MR"], "--slice", "all zero"),
-    "template": (["--slice", "5", *BOX, "--template", "x.png"], "--template", "not implemented"),
+    "template_with_file": (["--slice", "5", *BOX, "--template", "x.png"], "--slice", "not used with --template"),
 }
 
 
@@ -249,3 +249,53 @@ def test_bad_input_exits_2_naming_the_argument(case, phantom, bad_files, tmp_pat
     err = capsys.readouterr().err
     assert f"argument {arg}" in err and text in err, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- 2D one-prompt
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:60, :72]
+    for i in range(4):
+        cx, cy = 30 + 3 * i, 28 - 2 * i
+        img = 40 + 10 * rng.standard_normal((60, 72))
+        img[((xx - cx) / 14.0) ** 2 + ((yy - cy) / 10.0) ** 2 <= 1] += 120
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"img_{i}.png")
+    return d
+
+
+def test_one_prompt_folder_of_images(image_folder, tmp_path, capsys):
+    out = tmp_path / "masks"
+    argv = [str(image_folder), "--template", "img_1.png", "--random-weights", "--box", "19", "16", "47", "36",
+            "--point", "33", "26", "--out", str(out), "--overlays", "2"]
+    assert segment.main(argv) == 0
+    assert "masks: " in capsys.readouterr().out
+    from PIL import Image
+
+    for i in range(4):
+        m = np.asarray(Image.open(out / f"img_{i}_mask.png"))
+        assert m.shape == (60, 72) and set(np.unique(m).tolist()) <= {0, 255}
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(overlays) == 2 and "img_1.png" in overlays  # the template and the image most like it
+    assert not [p for p in out.rglob("*partial*")]
+
+
+@pytest.mark.parametrize("extra, arg, text", [
+    (["--template", "nope.png", "--box", "1", "1", "5", "5"], "--template", "not one of the images"),
+    (["--template", "img_0.png", "--point", "72", "5"], "--point", "X (column) in [0, 71]"),
+    (["--template", "img_0.png", "--box", "1", "1", "5", "5", "--slice", "3"], "--slice", "not used"),
+    (["--template", "img_0.png", "--box", "1", "1", "5", "5", "--out", "x.nii.gz"], "--out", "folder"),
+])
+def test_one_prompt_bad_input(image_folder, tmp_path, capsys, extra, arg, text):
+    argv = [str(image_folder), "--random-weights", *extra]
+    if "--out" not in extra:
+        argv += ["--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        segment.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {arg}" in err and text in err, err
+    assert not (tmp_path / "o").exists()

@@ -41,6 +41,7 @@ from medsam2_jax.data import preprocess as prep
 __all__ = [
     "file_ornt", "prompt_slice_axis", "file_to_stack", "stack_to_frame", "FramePrompt",
     "file_point_to_frame", "file_box_to_frame", "file_mask_to_frame", "slice_to_stack", "kept_voxel_range",
+    "image_point_to_frame", "image_box_to_frame", "image_mask_to_frame",
 ]
 
 
@@ -182,3 +183,36 @@ def file_mask_to_frame(grid: prep.GridTransform, mask: np.ndarray, z: int) -> tu
     """A binary mask of file slice ``z`` (the file's in-plane shape) -> ``(stack slice, (S, S) float32 0/1)``."""
     k, m = slice_to_stack(grid, (np.asarray(mask) > 0).astype(np.float32), z, "linear")
     return k, (m >= 0.5).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- 2D images
+def _check_grid_2d(grid: prep.GridTransform) -> None:
+    if not isinstance(grid, prep.GridTransform) or grid.dim != 2:
+        raise ValueError("a 2D GridTransform from preprocess_image_2d is needed")
+
+
+def image_point_to_frame(grid: prep.GridTransform, x: float, y: float) -> np.ndarray:
+    """Pixel ``(x, y)`` = (column, row) of a 2D image -> ``(x, y)`` pixel of its preprocessed ``S x S`` frame."""
+    _check_grid_2d(grid)
+    return stack_to_frame(grid, [[y - grid.crop[1][0], x - grid.crop[2][0]]])[0]
+
+
+def image_box_to_frame(grid: prep.GridTransform, box: Sequence[float]) -> np.ndarray:
+    """Inclusive pixel box ``(x0, y0, x1, y1)`` of a 2D image -> the frame box covering the same pixels."""
+    _check_grid_2d(grid)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    h, w = grid.crop_hw
+    s = grid.size
+    r0, c0 = min(y0, y1) - grid.crop[1][0], min(x0, x1) - grid.crop[2][0]
+    r1, c1 = max(y0, y1) - grid.crop[1][0], max(x0, x1) - grid.crop[2][0]
+    return np.array([c0 * s / w, r0 * s / h, (c1 + 1) * s / w - 1, (r1 + 1) * s / h - 1], np.float32)
+
+
+def image_mask_to_frame(grid: prep.GridTransform, mask: np.ndarray) -> np.ndarray:
+    """A binary ``(H, W)`` mask of a 2D image -> ``(S, S)`` float32 0/1, cropped and resized as the image."""
+    _check_grid_2d(grid)
+    m = (np.asarray(mask) > 0).astype(np.float32)
+    if m.shape != tuple(grid.input_shape):
+        raise ValueError(f"the mask must have the image's shape {tuple(grid.input_shape)}, got {m.shape}")
+    sl = m[grid.crop[1][0]:grid.crop[1][1], grid.crop[2][0]:grid.crop[2][1]]
+    return (prep.resize_stack(sl[None], (grid.size, grid.size), "linear")[0] >= 0.5).astype(np.float32)
