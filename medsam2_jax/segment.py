@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--probabilities, the probabilities. Bad input exits with status 2 and writes nothing. Example: "
         f"{PROG} scan.nii.gz --model models/sam2.1_tiny --slice 60 --box 80 90 150 170 --out mask.nii.gz",
     )
-    ap.add_argument("input", metavar="INPUT", help="3D NIfTI scan (.nii or .nii.gz)")
+    ap.add_argument("input", metavar="INPUT", help="3D NIfTI scan (.nii or .nii.gz); with --template, a folder "
+                    "of 2D images")
     w = ap.add_argument_group("model (one of)")
     w.add_argument("--model", metavar="DIR", help="converted model directory (medsam2.json + params/, from "
                    "convert/sam2_to_flax.py)")

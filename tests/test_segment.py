@@ -299,3 +299,12 @@ def test_one_prompt_bad_input(image_folder, tmp_path, capsys, extra, arg, text):
     err = capsys.readouterr().err
     assert f"argument {arg}" in err and text in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_mask_prompt_volume_gives_its_slice(phantom, tmp_path):
+    vol = np.zeros(SHAPE, np.uint8)
+    vol[:, :, Z] = phantom["mask"]
+    vol[:, :, Z + 1] = 1  # another slice: ignored
+    p = _save(tmp_path / "mask3d.nii.gz", vol, phantom["affine"])
+    got = segment._load_mask_prompt(segment.build_parser(), str(p), SHAPE, Z)
+    assert np.array_equal(got, phantom["mask"])
