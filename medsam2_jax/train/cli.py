@@ -36,6 +36,21 @@ def enable_compile_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=3600",
+                        "--xla_cpu_collective_timeout_seconds=3600",
+                        "--xla_cpu_collective_call_warn_stuck_seconds=600")
+
+
+def relax_cpu_collective_timeouts() -> None:
+    """XLA:CPU aborts a collective that waits 40 s for its peers. Virtual CPU devices share the cores, so on
+    a busy machine one device can fall that far behind the others without anything being wrong; give them
+    an hour (must run before JAX starts its backend; flags already in XLA_FLAGS win)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split("=")[0] not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
 def _usage_error(msg: str) -> None:
     print(f"train.py: error: {msg}\nRun `python train.py --help` for the flags and configs/base.py for the fields.",
           file=sys.stderr)
@@ -43,6 +58,7 @@ def _usage_error(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    relax_cpu_collective_timeouts()
     from absl import flags
     from ml_collections import config_flags
 

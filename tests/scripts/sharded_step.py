@@ -9,7 +9,11 @@ import json
 import os
 import sys
 
-import jax
+from medsam2_jax.train.cli import relax_cpu_collective_timeouts
+
+relax_cpu_collective_timeouts()  # 8 virtual devices on 2 busy cores can fall > 40 s apart
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
