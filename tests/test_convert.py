@@ -8,8 +8,8 @@ loaded weights must equal the file's bit for bit, and the loaded model's outputs
 of ``medsam2_jax.parity``, justified there and in tests/test_parity_model.py).
 
 Bad input uses tiny files: state dicts of stride-0 zero tensors (``torch.zeros(1).expand(shape)``, a few KB
-on disk) built from the key and shape lists of the sam2 package in ../shared/notes/sam2-artifacts/, so that
-no large PyTorch model is ever built.
+on disk) built from the key and shape lists of the installed sam2 package, read from models built on
+PyTorch's meta device (tests/torch_key_shapes.py), so that no large PyTorch model is ever materialised.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ torch = pytest.importorskip("torch")
 
 from medsam2_jax import api, parity, weights  # noqa: E402
 from medsam2_jax.model.sam2 import normalize_images  # noqa: E402
+from tests.torch_key_shapes import sam2_key_shapes  # noqa: E402
 from tests.torch_ref import perturb_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT.parent / "shared" / "notes" / "sam2-artifacts"
 S = 256
 NAME = "sam2.1_hiera_t"
 
@@ -52,12 +52,8 @@ parity_cli = _load_script("parity")
 
 
 def _key_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (ARTIFACTS / f"state_dict_keys_{name}.txt").read_text().splitlines():
-        if line.strip():
-            key, shape, _ = line.split("\t")
-            out[key] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
-    return out
+    """The checkpoint keys and shapes of the sam2 package's model ``name`` (built on the meta device)."""
+    return sam2_key_shapes(name)
 
 
 def _zeros_sd(shapes: dict[str, tuple[int, ...]]) -> dict[str, "torch.Tensor"]:

@@ -19,7 +19,6 @@ Tolerances (float32, matmul precision "highest" on both sides):
 from __future__ import annotations
 
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +33,11 @@ from medsam2_jax.model import sizes  # noqa: E402
 from medsam2_jax.model.fpn import FpnNeck, ImageEncoder, build_image_encoder  # noqa: E402
 from medsam2_jax.model.hiera import Hiera, bicubic_matrix  # noqa: E402
 from medsam2_jax.weights import WeightMismatchError, export_state_dict, iter_entries, load_state_dict  # noqa: E402
+from tests.torch_key_shapes import sam2_key_shapes  # noqa: E402
 from tests.torch_ref import CONFIGS, build_torch_sam2, nchw_to_nhwc, state_dict_numpy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-ARTIFACTS = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "notes" / "sam2-artifacts"
 FEAT_ATOL = 1e-4
 PE_ATOL = 1e-5
 
@@ -156,23 +155,16 @@ def test_load_rejects_other_size():
         load_state_dict(enc, sd, prefix="image_encoder.")
 
 
-def _parse_key_list(path: pathlib.Path) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        key, shape, _dtype = line.split("\t")
-        shapes[key] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return shapes
-
-
 SHORT = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
 
 
 @pytest.mark.parametrize("short", list(SHORT))
 def test_flax_keys_and_shapes_equal_sam2_1_checkpoint(short):
-    """The abstract (no memory) Flax encoder of every size has exactly the checkpoint's image_encoder keys."""
-    shapes = _parse_key_list(ARTIFACTS / f"state_dict_keys_sam2.1_hiera_{short}.txt")
+    """The abstract (no memory) Flax encoder of every size has exactly the checkpoint's image_encoder keys.
+
+    The checkpoint's keys and shapes are those of the sam2 package's model of that size, built on the meta
+    device (tests/torch_key_shapes.py)."""
+    shapes = sam2_key_shapes(f"sam2.1_hiera_{short}")
     want = {k: v for k, v in shapes.items() if k.startswith("image_encoder.")}
     enc = nnx.eval_shape(lambda: build_image_encoder(f"sam2.1_hiera_{SHORT[short]}", rngs=nnx.Rngs(0)))
     got = {}
@@ -234,7 +226,7 @@ def test_spec_aliases_and_unknown_name():
 
 @pytest.mark.parametrize("short", list(SHORT))
 def test_detect_size_on_sam2_1_key_lists(short):
-    shapes = _parse_key_list(ARTIFACTS / f"state_dict_keys_sam2.1_hiera_{short}.txt")
+    shapes = sam2_key_shapes(f"sam2.1_hiera_{short}")
     assert sizes.detect_size(shapes) == f"sam2.1_hiera_{short}"
     # a wrapped state dict (DataParallel / some fine-tuning scripts) is still recognised
     assert sizes.detect_size({"module." + k: v for k, v in shapes.items()}) == f"sam2.1_hiera_{short}"
@@ -243,16 +235,19 @@ def test_detect_size_on_sam2_1_key_lists(short):
 def test_detect_size_on_sam2_0_models():
     sd = state_dict_numpy(build_torch_sam2("sam2_hiera_t", 256))
     assert sizes.detect_size({k: v.shape for k, v in sd.items()}) == "sam2_hiera_t"
-    # the other 2.0 sizes: their 2.1 key lists minus the three 2.1-only tensors (the 2.0 yaml differs only there)
+    # the other 2.0 sizes, from the package's 2.0 models built on the meta device; their key lists are the
+    # 2.1 lists minus the three 2.1-only tensors (the 2.0 yaml differs only there)
     for short in ("s", "b+", "l"):
-        shapes = _parse_key_list(ARTIFACTS / f"state_dict_keys_sam2.1_hiera_{short}.txt")
+        shapes = sam2_key_shapes(f"sam2_hiera_{short}")
+        v21 = sam2_key_shapes(f"sam2.1_hiera_{short}")
         for k in ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight", "obj_ptr_tpos_proj.bias"):
-            del shapes[k]
+            del v21[k]
+        assert shapes == v21
         assert sizes.detect_size(shapes) == f"sam2_hiera_{short}"
 
 
 def test_detect_size_errors():
-    tiny = _parse_key_list(ARTIFACTS / "state_dict_keys_sam2.1_hiera_t.txt")
+    tiny = sam2_key_shapes("sam2.1_hiera_t")
     with pytest.raises(ValueError, match=r"not a SAM 2 checkpoint: no 'image_encoder.trunk.patch_embed.proj.weight'"):
         sizes.detect_size({"encoder.layer.0.weight": (768, 768), "head.bias": (1000,)})
     with pytest.raises(ValueError, match="not a SAM 2 checkpoint"):
