@@ -24,6 +24,20 @@ Empty masks (documented conventions, the same everywhere in this module)
   a missed or hallucinated object is the worst case). ``inf`` keeps means honest (a mean over cases with a
   miss is ``inf``); filter with ``np.isfinite`` when a finite summary is wanted, and count the misses.
 
+Against MONAI (``monai.metrics``; tests/test_metrics_monai.py)
+-------------------------------------------------------------
+On non-empty masks ``dice`` equals ``compute_dice``/``DiceMetric`` and ``hd95``/``hausdorff`` equal
+``compute_hausdorff_distance(percentile=..., spacing=...)`` (same surfaces, distances and linear percentile;
+MONAI computes in float32, so within ~1e-7 relative). MONAI's empty-mask conventions differ:
+
+* ``compute_dice`` with its default ``ignore_empty=True`` gives NaN whenever the ground truth is empty
+  (ours: 1.0 when the prediction is empty too, else 0.0); with ``ignore_empty=False`` it is ours exactly.
+* ``compute_hausdorff_distance`` gives NaN when both masks are empty (ours: 0.0), and NaN for a percentile
+  with exactly one empty mask (its directed distances are all ``inf`` and ``torch.quantile`` interpolates
+  ``inf - inf``; ours: ``inf``); its maximum (``percentile=None``) is ``inf`` there, as our
+  ``hausdorff(..., percentile=100)``. MONAI also treats ``percentile=0`` as "no percentile" (the maximum),
+  where ours is the 0th percentile (the minimum).
+
 Batched helpers: :func:`per_slice_overlap` (Dice/IoU of every slice along an axis), :func:`per_class_metrics`
 (label maps, one entry per class) and :func:`binary_metrics` (all three at once).
 """
