@@ -154,6 +154,9 @@ class ImageEncoder(nnx.Module):
         self.neck = neck
         self.scalp = scalp
         self.images_per_step = images_per_step
+        # Training: recompute each chunk's activations in the backward pass instead of keeping them (memory
+        # then holds the images and features, not every block's activations, whatever the frame count).
+        self.remat = False
 
     def _encode(self, x: Array, heads: Mapping[int, Conv2d] | None = None) -> dict:
         features, pos = self.neck(self.trunk(x), heads)
@@ -168,12 +171,15 @@ class ImageEncoder(nnx.Module):
         step = self.images_per_step
         if step is None:
             step = 1 if jax.default_backend() == "cpu" else 0
+        encode = lambda xi: self._encode(xi, heads)
+        if self.remat:
+            encode = jax.checkpoint(encode)
         if step == 0 or step >= b:
-            return self._encode(x, heads)
+            return encode(x)
         n = -(-b // step)
         if n * step != b:  # pad the batch to whole chunks; the padded images are dropped below
             x = jnp.concatenate([x, jnp.zeros((n * step - b, *x.shape[1:]), x.dtype)], axis=0)
-        out = jax.lax.map(lambda xi: self._encode(xi, heads), x.reshape(n, step, *x.shape[1:]))
+        out = jax.lax.map(encode, x.reshape(n, step, *x.shape[1:]))
         return jax.tree.map(lambda a: a.reshape(n * step, *a.shape[2:])[:b], out)
 
 

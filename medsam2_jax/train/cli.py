@@ -38,7 +38,7 @@ def enable_compile_cache(directory: str) -> None:
 
 CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=3600",
                         "--xla_cpu_collective_timeout_seconds=3600",
-                        "--xla_cpu_collective_call_warn_stuck_seconds=600")
+                        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
 
 
 def relax_cpu_collective_timeouts() -> None:

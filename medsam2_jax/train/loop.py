@@ -156,7 +156,7 @@ def build_params(c):
                                            f"{c.model!r}; set --config.model={model.model_name}")
     else:
         model = api.random_model(c.model, int(c.image_size), seed=int(c.seed))
-    train_mode(model)
+    train_mode(model, remat=bool(c.remat))
     return nnx.split(model, nnx.Param, ...)
 
 

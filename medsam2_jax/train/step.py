@@ -36,10 +36,17 @@ class TrainState:
     key: jax.Array  # typed PRNG key
 
 
-def train_mode(model: SAM2) -> SAM2:
+def train_mode(model: SAM2, *, remat: bool = False) -> SAM2:
     """Put ``model`` in training mode in place: the decoder answers a single-mask request with mask token 0
-    (SAM 2's dynamic multimask-via-stability fallback runs only in eval)."""
+    (SAM 2's dynamic multimask-via-stability fallback runs only in eval). ``remat``: the image encoder
+    recomputes each image's activations in the backward pass (with ``TrackerConfig.remat`` for the scan,
+    activation memory no longer grows with the number of frames)."""
     model.sam_mask_decoder.deterministic = False
+    model.image_encoder.remat = remat
+    if jax.device_count() > 1:
+        # The batch is split over devices: encode each device's frames at once rather than through a
+        # lax.map over the (sharded) frame axis, which the SPMD partitioner cannot split.
+        model.image_encoder.images_per_step = 0
     return model
 
 
