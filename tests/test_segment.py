@@ -74,6 +74,10 @@ def test_help_runs_as_a_module():
 def test_console_script_is_declared():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["medsam2-segment"] == "medsam2_jax.segment:main"
+    script = Path(sys.executable).parent / "medsam2-segment"
+    if script.exists():  # installed (pip install -e . after the entry point was added)
+        r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "usage: medsam2-segment" in r.stdout
 
 
 def test_output_has_the_input_grid_header_and_is_a_label_volume(run_box, phantom):
