@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s)")
     w.add_argument("--image-size", type=int, default=None, metavar="S",
                    help="frame size S, a multiple of 32 (default: the model's own size from its medsam2.json, or "
-                   f"{DEFAULT_RANDOM_SIZE} with --random-weights)")
+                   f"{DEFAULT_RANDOM_SIZE} with --random-weights; on a CPU 256-512 is practical: the encoder "
+                   "features of every frame are held, about 1 MB per frame at 256 and 17 MB at 1024)")
     p = ap.add_argument_group("prompt (voxel indices of the input file)")
     p.add_argument("--slice", type=int, metavar="Z", help="the prompted slice: an index along the file's third axis")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
@@ -763,8 +764,9 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
         ap.error(f"argument INPUT: {e}")
     if modality == "CT":
         lvl, wid = preprocess.resolve_window(a.window)
-        log.say(f"CT normalisation: window {a.window} (level {lvl:g}, width {wid:g} HU: {lvl - wid / 2:g}..{lvl + wid / 2:g}),"
-                f" z-score with mean {pre.norm.mean:g}, std {pre.norm.std:g} (no dataset statistics given)")
+        log.say(f"CT normalisation: window {a.window} (level {lvl:g}, width {wid:g} HU: {lvl - wid / 2:g}.."
+                f"{lvl + wid / 2:g}), z-score with mean {pre.norm.mean:g}, std {pre.norm.std:g} (no dataset "
+                "statistics given)")
     prompt = map_prompt(ap, a, pre.grid, mask_prompt)
     t_pre = time.perf_counter() - t
     log.say(f"preprocessed to {pre.image.shape[0]} slices of {size} x {size} px (image size {size}: {size_src}); "

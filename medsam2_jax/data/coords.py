@@ -159,7 +159,8 @@ def file_box_to_frame(grid: prep.GridTransform, box: Sequence[float], z: int) ->
     return _stack_slice(grid, z), np.array([cols[0], rows[0], cols[1], rows[1]], np.float32)
 
 
-def slice_to_stack(grid: prep.GridTransform, plane: np.ndarray, z: int, method: str = "linear") -> tuple[int, np.ndarray]:
+def slice_to_stack(grid: prep.GridTransform, plane: np.ndarray, z: int,
+                   method: str = "linear") -> tuple[int, np.ndarray]:
     """A 2D array on file slice ``z`` (shape = the file's first two axes) -> ``(stack slice, (S, S) float32)``,
     reoriented, cropped and resized as the image slice is (``"linear"`` or ``"nearest"``)."""
     _check_grid(grid)

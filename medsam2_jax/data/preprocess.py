@@ -17,8 +17,9 @@ A 3D volume (canonical RAS+, see :mod:`medsam2_jax.data.io`) goes through, in th
      mean and divide by the foreground standard deviation. The statistics are *global*: compute them over
      the training set with :func:`compute_ct_stats` and pass them as ``ct_stats``; without them they are
      computed from this case's own labels, and a case without labels (inference on one's own scan) gets
-     :func:`default_ct_stats`: the window mapped to [-2, 2] (mean = level, std = width / 4). Mean and std are those of the windowed *and clipped* foreground
-     voxels (so the foreground of a single case comes out with mean 0 and std 1).
+     :func:`default_ct_stats`: the window mapped to [-2, 2] (mean = level, std = width / 4). Mean and std
+     are those of the windowed *and clipped* foreground voxels (so the foreground of a single case comes out
+     with mean 0 and std 1).
    * MRI, X-ray, ultrasound, mammography, OCT: per image, clip to the 0.5 / 99.5 percentiles, then z-score
      with the mean/std of the clipped values. Other modalities (PET, fundus, dermoscopy, endoscopy,
      pathology) get the paper's default: a per-image z-score without clipping.
