@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-v1
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo eval bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python train.py --config=configs/demo.py --workdir=out/demo_train
 	$(BIN)/python -m medsam2_jax.demo --model out/demo_train/model --out out/demo
+
+# Evaluates random weights on 4 phantoms (copy-mask, fifo, self-sorting; about 4 minutes on 2 CPU cores): the
+# pipeline and the baseline only, the model rows are meaningless. Pass a real model with
+# `python eval.py --config=configs/eval_phantoms.py --checkpoint=DIR --workdir=out/eval`.
+eval: $(STAMP)
+	$(BIN)/python eval.py --config=configs/eval_phantoms.py --random_weights --workdir=out/eval
 
 # Side-by-side timings against PyTorch (long on a CPU: tens of minutes). Results in benchmarks/results/.
 bench: $(STAMP)

@@ -240,8 +240,9 @@ def protocol_text(cfg: Any) -> str:
             "mask": "that slice's ground-truth mask"}[p.kind]
     return (f"One prompt per structure, on one slice of the preprocessed stack ({where}): {what}. No ground truth "
             f"is used on any other slice, nor in the image's preprocessing (CT: fixed {cfg.window} window statistics) "
-            f"(the copy_mask baseline excepted: it uses the GT's slice extent, so it is optimistic). Predictions (probability > {cfg.threshold:g}) are scored over the whole volume on the "
-            "file's voxel grid (canonical RAS+ reorientation, same voxels) with its spacing: Dice, IoU, HD95 in mm.")
+            f"(the copy_mask baseline excepted: it uses the GT's slice extent, so it is optimistic). Predictions "
+            f"(probability > {cfg.threshold:g}) are scored over the whole volume on the file's voxel grid (canonical "
+            "RAS+ reorientation, same voxels) with its spacing: Dice, IoU, HD95 in mm.")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -429,7 +430,7 @@ def write_overlays(out_dir: Path, rows: Sequence[Mapping[str, Any]], random_weig
             viz.draw_overlay(ax, ov["image"][i], gt=gt[i], pred=pred[i], pred_fill=False, box=p.get("box"),
                              points=pts, point_labels=p.get("labels") if pts is not None else None,
                              title=f"slice {i}" + (" (prompt)" if i == z else ""), vmin=lo, vmax=hi, legend=k == 0)
-        note = " - RANDOM WEIGHTS: meaningless" if random_weights else ""
+        note = " - RANDOM WEIGHTS: meaningless" if random_weights and r["method"] != "copy_mask" else ""
         fig.suptitle(f"{tag}: {r['case']} {r['structure']} {r['method']} Dice {r['dice']:.3f}{note}", fontsize=9)
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{r['case']}_{r['structure']}")
         path = out_dir / f"{tag}_{safe}.png"
@@ -476,6 +477,17 @@ def check_config(cfg: Any) -> list[Method]:
     return methods
 
 
+def _with_size(cfg: Any, size: int) -> Any:
+    """A copy of ``cfg`` with the effective image size (0 in the config = the model's own)."""
+    c = cfg.copy_and_resolve_references() if hasattr(cfg, "copy_and_resolve_references") else cfg
+    if hasattr(c, "unlock"):
+        with c.unlocked():
+            c.image_size = int(size)
+    else:
+        c.image_size = int(size)
+    return c
+
+
 def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, random_weights: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Evaluate; writes ``per_case.csv``, ``summary.json`` and ``overlays/`` in ``workdir``; returns the summary."""
@@ -490,11 +502,14 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if random_weights:
-        print("=" * 100 + "\n" + RANDOM_WEIGHTS_WARNING + "\n" + "=" * 100, flush=True)
     needs_model = any(m.bank for m in methods)
+    if random_weights and needs_model:
+        print("=" * 100 + "\n" + RANDOM_WEIGHTS_WARNING + "\n" + "=" * 100, flush=True)
     size = int(cfg.image_size)
-    if random_weights:
+    if not needs_model:  # copy_mask only: no model is built (the image size still sets the stack's grid)
+        model, source = None, "none (copy_mask only)"
+        size = size or 256
+    elif random_weights:
         model = api.random_model(cfg.model, size or 256, seed=int(cfg.seed))
         source = f"random weights ({cfg.model}, seed {cfg.seed})"
     else:
@@ -507,6 +522,7 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
             raise UsageError(f"--checkpoint: {e}") from e
         source = str(checkpoint)
     size = size or int(model.image_size)
+    cfg = _with_size(cfg, size)
     cases = collect_cases(cfg, wd)
     print(f"model: {source}, image size {size}; {len(cases)} case(s); methods: "
           + "; ".join(f"{m.name} = {m.description}" for m in methods), flush=True)
@@ -527,7 +543,8 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
     pngs = write_overlays(wd / "overlays", rows, random_weights)
     summary = {
         "random_weights": bool(random_weights), "checkpoint": None if random_weights else str(checkpoint),
-        "model": source, "image_size": size, "warning": RANDOM_WEIGHTS_WARNING if random_weights else None,
+        "model": source, "image_size": size,
+        "warning": RANDOM_WEIGHTS_WARNING if random_weights and needs_model else None,
         "protocol": protocol(cfg), "cases": [c.name for c in cases], "rows": len(rows),
         "methods": summ, "overlays": pngs, "overlay_method": keep,
         "seconds": round(time.perf_counter() - t0, 2), "needs_model": needs_model,
@@ -536,7 +553,7 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
     print(table(summ))
     print(f"wrote {wd / 'per_case.csv'} ({len(rows)} rows), {wd / 'summary.json'}, overlays ({keep}): "
           + ", ".join(f"{k} {Path(v).name}" for k, v in pngs.items()))
-    if random_weights:
+    if random_weights and needs_model:
         print(RANDOM_WEIGHTS_WARNING)
     return summary
 

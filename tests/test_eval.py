@@ -98,7 +98,6 @@ def test_reports_consistent(run):
 
 
 def evaluate_config():
-    from ml_collections import config_flags  # noqa: F401  (the config module only needs ml_collections)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("eval_phantoms_cfg", CONFIG)
