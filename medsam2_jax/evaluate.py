@@ -523,7 +523,12 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
         source = str(checkpoint)
     size = size or int(model.image_size)
     cfg = _with_size(cfg, size)
-    cases = collect_cases(cfg, wd)
+    from .data.errors import DataError
+
+    try:
+        cases = collect_cases(cfg, wd)
+    except DataError as e:
+        raise UsageError(f"config.dataset_dirs: {e}") from e
     print(f"model: {source}, image size {size}; {len(cases)} case(s); methods: "
           + "; ".join(f"{m.name} = {m.description}" for m in methods), flush=True)
     print("protocol: " + protocol_text(cfg), flush=True)

@@ -203,3 +203,29 @@ def test_cli_help_and_unknown_field(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "no_such_field" in r.stderr and "eval.py: error" in r.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_directory(run, tmp_path):
+    """--checkpoint=DIR (a model directory as convert/sam2_to_flax.py and train.py write it): same predictions as
+    the same weights built in memory; the output does not claim random weights."""
+    from medsam2_jax import api
+
+    wd0, _, rows0, _, block = run
+    model_dir = tmp_path / "model"
+    api.save_model(api.random_model("sam2.1_hiera_t", 64, seed=0), model_dir)
+    wd = tmp_path / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert evaluate.main(["eval.py", f"--config={CONFIG}", f"--checkpoint={model_dir}", f"--workdir={wd}",
+                              "--config.phantoms=0", f"--config.dataset_dirs=('{block}',)", *COMMON]) == 0
+    assert "RANDOM WEIGHTS" not in buf.getvalue()
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["random_weights"] is False and summary["checkpoint"] == str(model_dir)
+    rows = list(csv.DictReader(open(wd / "per_case.csv")))
+    ref = {(r["structure"], r["method"]): r for r in rows0 if r["structure"] == "block"}
+    for r in rows:
+        assert float(r["dice"]) == pytest.approx(float(ref[r["structure"], r["method"]]["dice"]), abs=1e-6)
