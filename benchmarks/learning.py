@@ -51,7 +51,8 @@ def main(argv=None):
                     "(default: a random model saved in the converted format stands in)")
     ap.add_argument("--out", default="out/bench/learning", help="workdirs of the runs")
     ap.add_argument("--json", default="benchmarks/results/learning.json", help="where the results go")
-    ap.add_argument("--extra", nargs="*", default=[], help="more --config.x=y overrides for train.py")
+    ap.add_argument("--extra", action="append", default=[], help="one more train.py flag, e.g. --extra=--config.lr=3e-4 "
+                    "(repeatable)")
     a = ap.parse_args(argv)
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)

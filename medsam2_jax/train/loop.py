@@ -268,6 +268,21 @@ def plot_curves(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
+def _put_global(tree: Any, shardings: Any) -> Any:
+    """Place host values (the same on every process: same seed, same file) with global shardings. One
+    process: ``device_put``; several: each process fills the shards its devices hold."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        a = np.asarray(jax.device_get(jax.random.key_data(x) if is_key else x))
+        out = jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+        return jax.random.wrap_key_data(out) if is_key else out
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def _eval_line(e: dict) -> str:
     return (f"held-out evaluation at step {e['step']}: Dice {e['dice']:.3f} (copy-mask baseline "
             f"{e['copy_mask_dice']:.3f}) over {e['sequences']} sequences")
@@ -315,11 +330,11 @@ def train(c, workdir: str | os.PathLike) -> dict:
         lr_multipliers=dict(c.lr_multipliers), freeze=tuple(c.freeze))
     state = init_state(params, tx, int(c.seed))
     state_sh = sharding.state_shardings(state, params, mesh, rules)
-    state = jax.device_put(state, state_sh)
+    state = _put_global(state, state_sh)
     from jax.sharding import NamedSharding
 
     batch_sh = NamedSharding(mesh, sharding.BATCH_SPEC)
-    rest = jax.device_put(rest, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    rest = _put_global(rest, jax.tree.map(lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()), rest))
     tcfg = tracker_from_config(c)
     weights = LossWeights(focal=float(c.loss.focal), dice=float(c.loss.dice), iou=float(c.loss.iou),
                           object_score=float(c.loss.object_score))
