@@ -99,7 +99,8 @@ def test_uninterrupted_run_writes_the_workdir(straight):
 def test_sigterm_then_resume_ends_with_the_same_parameters(straight, tmp_path):
     ref_dir, _ = straight
     d = tmp_path / "killed"
-    p = subprocess.Popen(_cmd(d), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_f, err_f = open(tmp_path / "killed.out", "w+"), open(tmp_path / "killed.err", "w+")  # files: see below
+    p = subprocess.Popen(_cmd(d), cwd=ROOT, env=_env(), stdout=out_f, stderr=err_f, text=True)
     deadline = time.time() + 900
     while time.time() < deadline:
         if (d / "metrics.csv").exists() and len(_rows(d)) >= 5:
@@ -108,7 +109,10 @@ def test_sigterm_then_resume_ends_with_the_same_parameters(straight, tmp_path):
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=600)
+    p.wait(timeout=600)
+    out_f.seek(0)
+    err_f.seek(0)
+    out, err = out_f.read(), err_f.read()
     assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "interrupted" in out
     stopped = int(_rows(d)[-1]["step"])
@@ -164,11 +168,22 @@ def test_two_processes_match_one_process(straight, tmp_path):
     ref_dir, _ = straight
     two = tmp_path / "two"
     port = _free_port()
-    procs = [subprocess.Popen(_cmd(two), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # Output goes to files, not pipes: a pipe that is not being read (the second process's, while the test
+    # waits on the first) fills up with XLA's compile warnings and blocks that process mid-compile.
+    logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
+    procs = [subprocess.Popen(_cmd(two), cwd=ROOT, stdout=o, stderr=e, text=True,
                               env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
-             for i in range(2)]
-    outs = [p.communicate(timeout=2400) for p in procs]
+             for i, (o, e) in enumerate(logs)]
+    for p in procs:
+        p.wait(timeout=2400)
+    outs = []
+    for o, e in logs:
+        o.seek(0)
+        e.seek(0)
+        outs.append((o.read(), e.read()))
+        o.close()
+        e.close()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "mesh data=2 x fsdp=4 over 8 cpu device(s), 2 process(es)" in outs[0][0]

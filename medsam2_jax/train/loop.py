@@ -310,11 +310,6 @@ def train(c, workdir: str | os.PathLike) -> dict:
 
     validate(c)
     maybe_initialize_distributed(c.distributed)
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        # Seen on XLA:CPU with gloo: one process loaded the step from the persistent cache while the other
-        # compiled it, and the compiling process then waited for ever. Multi-process CPU runs (tests, trials
-        # on one machine) compile every time; GPU/TPU pods keep the cache.
-        jax.config.update("jax_enable_compilation_cache", False)
     workdir = Path(workdir).absolute()
     n_dev = jax.device_count()
     if c.batch_size % n_dev:
