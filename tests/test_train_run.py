@@ -162,9 +162,11 @@ def _free_port():
 
 def test_two_processes_match_one_process(straight, tmp_path):
     """The two processes' sums cross processes through gloo instead of inside one process, so the result
-    agrees to float32 rounding, not bit for bit; AdamW turns a gradient that is rounding noise into an
-    update of about lr either way, so the bound is a few such updates (lr 1e-4), while the parameters
-    moved by far more on average (checked against the initial weights)."""
+    agrees to float32 rounding, not bit for bit. AdamW turns a gradient that is rounding noise into an
+    update of either sign, so entries of such tensors (the decoder's key-projection biases, whose exact
+    gradient is 0) may drift apart by up to the bound below; the meaningful checks are the losses at every
+    step (1e-4 relative) and the mean parameter difference, which must be under 5 % of how far the
+    parameters moved from their initial values."""
     ref_dir, _ = straight
     two = tmp_path / "two"
     port = _free_port()
@@ -192,7 +194,9 @@ def test_two_processes_match_one_process(straight, tmp_path):
     np.testing.assert_allclose([float(x["loss"]) for x in rows], [float(x["loss"]) for x in ref_rows], rtol=1e-4)
     a, b = _params(two), _params(ref_dir)
     worst = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    assert worst <= 4 * 1e-4, worst
+    # An entry whose gradient is rounding noise gets an Adam update of either sign, at most
+    # (1 - b1) / sqrt(1 - b2) ~ 3.2 lr per step: the largest gap two such runs can open.
+    assert worst <= 2 * 3.2 * 1e-4 * STEPS, worst
     from flax import nnx
 
     from medsam2_jax import api
