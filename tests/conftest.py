@@ -1,8 +1,10 @@
 """Test-wide JAX settings: float32 parity settings and the persistent compilation cache."""
 
+import gc
 import os
 
 import jax
+import pytest
 
 # Parity tests compare float32 against PyTorch CPU: no reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -16,3 +18,12 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests sized for CPU (run in CI too)")
     config.addinivalue_line("markers", "torch: needs torch and the sam2 reference package")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop each module's compiled programs when it ends (later modules load theirs from the persistent cache):
+    the suite's process otherwise grows past 10 GB, and the training tests' subprocesses need room beside it."""
+    yield
+    jax.clear_caches()
+    gc.collect()
