@@ -432,8 +432,14 @@ def train(c, workdir: str | os.PathLike) -> dict:
 
     host_params, host_rest = _host_copy(state.params), _host_copy(rest)
     final = nnx.merge(graphdef, host_params, host_rest)
-    if jax.process_index() == 0:
+    if jax.process_count() > 1:
+        # api.save_model's orbax checkpointer synchronises all processes; called by one it fails (seen on a
+        # 2-process CPU run). Until it is made multi-host, the final weights are the last checkpoint.
+        _log(f"multi-process run: the final weights are in {workdir / 'checkpoints' / str(step)} (no model/ "
+             "directory yet); resume or evaluate from there on one process")
+    elif jax.process_index() == 0:
         api.save_model(final, workdir / "model", source=f"trained by medsam2_jax.train for {step} steps")
+    if jax.process_index() == 0:
         plot_curves(workdir / "metrics.csv", workdir / "curves.png")
         if held_out is not None:
             res = evaluate(predict, host_params, held_out, pcfg_eval, int(c.eval.batches))
