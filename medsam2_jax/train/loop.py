@@ -213,12 +213,9 @@ class MetricsLog:
             w = csv.DictWriter(f, METRIC_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        try:
-            from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # a dependency (pyproject.toml)
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # optional
-            self.tb = None
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
