@@ -52,6 +52,10 @@ def main(argv=None) -> int:
         return 2
     n = sum(v.size for v in sd.values())
     print(f"converted {len(sd)} tensors ({n:,} values) of {model.model_name} -> {out}")
+    print(f"next: python -m medsam2_jax.demo --model {out}   (a phantom CT, with overlays)\n"
+          f"      medsam2-segment SCAN.nii.gz --model {out} --slice K --box X0 Y0 X1 Y1 --out mask.nii.gz\n"
+          f"      python convert/parity.py --checkpoint {args.checkpoint} --model {model.model_name}   "
+          "(check the conversion against PyTorch)")
     if args.export_torch:
         api.export_torch_checkpoint(model, args.export_torch)
         back = api.read_torch_checkpoint(args.export_torch)

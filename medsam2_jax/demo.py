@@ -56,6 +56,15 @@ import numpy as np
 POLICIES = ("self_sorting", "fifo")
 DATA_KINDS = ("phantom", "realct")
 PROMPT_KINDS = ("box", "click", "mask")
+NEXT_STEPS = """
+Next:
+  convert real weights  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t \\
+                            --out models/tiny     (then: python -m medsam2_jax.demo --model models/tiny)
+  segment your own scan medsam2-segment scan.nii.gz --model models/tiny --slice 60 --box 80 90 150 170 \\
+                            --out mask.nii.gz     (medsam2-segment --help)
+  train                 python train.py --config=configs/demo.py --workdir=runs/demo   (configs/ for the others)
+  evaluate              python eval.py --config=configs/eval_phantoms.py --checkpoint=models/tiny --workdir=out/eval"""
+
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: no pretrained checkpoint was given (--model DIR) and none can be downloaded here, so the "
     "model is randomly initialised. The Dice / IoU / HD95 of this run are MEANINGLESS; this run only shows that the "
@@ -84,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="converted model directory (medsam2.json + params/); default: random weights")
     ap.add_argument("--model-name", default="sam2.1_hiera_t",
                     help="model size for random weights (ignored with --model, whose size is in medsam2.json)")
-    ap.add_argument("--image-size", type=int, default=256, help="frame size S in pixels (a multiple of 32)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="frame size S in pixels (a multiple of 32); default: the size in --model's medsam2.json "
+                    "(1024 for a converted SAM 2 checkpoint: minutes per volume on a CPU), or 256 with random "
+                    "weights")
     ap.add_argument("--slices", type=int, default=24,
                     help="number of axial slices: the phantom's depth, or the real-CT crop around the target")
     ap.add_argument("--policy", choices=POLICIES, default="self_sorting",
@@ -105,18 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _resolve_image_size(args: argparse.Namespace) -> None:
+    """``--image-size`` follows the model unless given: the size in ``--model``'s medsam2.json, else 256."""
+    if args.image_size is not None:
+        return
+    if args.model is None:
+        args.image_size = 256
+        return
+    meta_path = Path(args.model) / "medsam2.json"
+    try:
+        args.image_size = int(json.loads(meta_path.read_text())["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --model {args.model}: cannot read image_size from {meta_path} "
+                         f"({type(e).__name__}: {e}); pass --image-size") from None
+    print(f"image size {args.image_size} px, from {meta_path} (pass --image-size to change it)", flush=True)
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    if args.model is not None and not (Path(args.model) / "medsam2.json").is_file():
+        raise SystemExit(
+            f"error: --model {args.model}: not a converted model directory (no medsam2.json); convert a PyTorch "
+            "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`"
+        )
+    _resolve_image_size(args)
     if args.image_size < 32 or args.image_size % 32:
         raise SystemExit(f"error: --image-size must be a positive multiple of 32, got {args.image_size}")
     if args.slices < 8:
         raise SystemExit(f"error: --slices must be >= 8 (the phantom needs 8 slices), got {args.slices}")
     if args.overlays < 0:
         raise SystemExit(f"error: --overlays must be >= 0, got {args.overlays}")
-    if args.model is not None and not (Path(args.model) / "medsam2.json").is_file():
-        raise SystemExit(
-            f"error: --model {args.model}: not a converted model directory (no medsam2.json); convert a PyTorch "
-            "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`"
-        )
 
 
 def _setup_compile_cache(choice: str | None) -> str | None:
@@ -581,6 +610,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"wrote {out_dir}/: prediction.nii.gz, report.json, report.md, per_slice.png, slices_grid.png, overlays/")
     if weights["random"]:
         print("\n" + "!" * 100 + f"\n{RANDOM_WEIGHTS_WARNING}\n" + "!" * 100)
+    print(NEXT_STEPS)
     return report
 
 

@@ -140,6 +140,25 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
     assert e.value.code == 0 and "RANDOM" in capsys.readouterr().out
 
 
+def test_image_size_follows_the_model_unless_given(tmp_path, capsys):
+    """A converted SAM 2 model says 1024 in its medsam2.json: the demo runs at that size, and says so."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "medsam2.json").write_text(json.dumps({"model_name": "sam2.1_hiera_t", "image_size": 1024}))
+    args = demo.build_parser().parse_args(["--model", str(model)])
+    demo._check_args(args)
+    assert args.image_size == 1024 and "image size 1024 px, from" in capsys.readouterr().out
+    args = demo.build_parser().parse_args(["--model", str(model), "--image-size", "512"])
+    demo._check_args(args)
+    assert args.image_size == 512  # asked for: kept
+    args = demo.build_parser().parse_args([])
+    demo._check_args(args)
+    assert args.image_size == 256  # random weights
+    (model / "medsam2.json").write_text("{}")
+    with pytest.raises(SystemExit, match="cannot read image_size from .*pass --image-size"):
+        demo._check_args(demo.build_parser().parse_args(["--model", str(model)]))
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
