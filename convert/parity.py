@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--video", action="store_true", help="also track a short clip against SAM2VideoPredictor")
     ap.add_argument("--frames", type=int, default=8, help="frames in the --video clip (default 8)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random image (default 0)")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="JAX's persistent compilation cache (a second run skips the compiles); 'none' turns it "
+                    "off (default: $MEDSAM2_JAX_CACHE or ~/.cache/medsam2-jax/xla)")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the rows to this JSON file")
     ap.add_argument("--corrupt-for-test", action="store_true",
                     help=f"(self-test) add 0.05 to our {CORRUPT_KEY} after loading: the check must then FAIL")
@@ -60,18 +63,27 @@ def main(argv=None) -> int:
         print(f"error: --frames must be at least 2, got {args.frames}", file=sys.stderr)
         return 2
 
+    import time
+
     import jax
+
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:  # the JAX phases compile for up to minutes: say what is running
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     # Parity is measured in float32 with full-precision matmuls on both sides.
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     import torch
 
-    from medsam2_jax import api, parity, weights
+    from medsam2_jax import api, compile_cache, parity, weights
     from medsam2_jax.model.sam2 import normalize_images
     from medsam2_jax.model.sizes import get_spec
 
+    compile_cache.enable(args.compile_cache)
     s = args.image_size
+    say(f"reading {args.checkpoint}")
     try:
         name = get_spec(args.model).name
         sd = api.strip_prefix(api.read_torch_checkpoint(args.checkpoint))
@@ -85,6 +97,7 @@ def main(argv=None) -> int:
     except (api.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    say("building the PyTorch model (sam2 package)")
     tm = parity.build_torch_model(name, s, video=args.video)
     tm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     tm.eval()
@@ -101,18 +114,22 @@ def main(argv=None) -> int:
     points, labels = np.stack([pts, pts]), np.array([[1, 0], [1, 0]], np.int32)
     boxes = np.tile(np.array([0.22, 0.27, 0.58, 0.63], np.float32) * s, (2, 1))
 
+    say("image encoder, prompt encoder and mask decoder with clicks (JAX compiles on first use)")
     rows = parity.image_path_rows(tm, model, images, points, labels)
     tfeats = parity.torch_image_features(tm, images)
     feats = parity.jax_encode(model, images)
+    say("boxes, box + click, single mask")
     rows += parity.predict_rows(tm, model, tfeats, feats, "box", boxes=boxes, extra_padding=1)
     rows += parity.predict_rows(tm, model, tfeats, feats, "box + click", boxes=boxes, points=points[:, :1],
                                 labels=labels[:, :1], extra_padding=2)
     rows += parity.predict_rows(tm, model, tfeats, feats, "box, one mask", boxes=boxes, multimask=False)
     if args.video:
+        say(f"tracking a {args.frames}-frame clip with both (SAM2VideoPredictor, medsam2_jax.tracking.track)")
         clip = np.asarray(normalize_images(parity.moving_disk_clip(s, args.frames)), np.float32)
         prompt = [{"frame": 0, "points": [[0.35 * s, 0.4 * s]], "labels": [1]}]
         rows += parity.video_rows(tm, model, clip, prompt, "forward", name=f"video ({args.frames} frames)")
 
+    say("done")
     print(parity.format_rows(rows))
     failed = [r for r in rows if not r.ok]
     worst = max(rows, key=lambda r: r.max_abs / max(r.tol, 1e-30))

@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import compile_cache
+
 import numpy as np
 
 POLICIES = ("self_sorting", "fifo")
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlays", type=int, default=5, help="number of single-slice overlay PNGs")
     ap.add_argument("--compile-cache", default=None, metavar="DIR",
                     help="persistent XLA compilation cache ('none' to disable; default $MEDSAM2_JAX_CACHE or "
-                    "~/.cache/medsam2_jax/xla)")
+                    "~/.cache/medsam2-jax/xla)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -146,19 +148,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --slices must be >= 8 (the phantom needs 8 slices), got {args.slices}")
     if args.overlays < 0:
         raise SystemExit(f"error: --overlays must be >= 0, got {args.overlays}")
-
-
-def _setup_compile_cache(choice: str | None) -> str | None:
-    import jax
-
-    if choice is not None and choice.lower() == "none":
-        return None
-    if jax.config.jax_compilation_cache_dir:  # already configured by the caller (tests, notebooks)
-        return jax.config.jax_compilation_cache_dir
-    d = choice or os.environ.get("MEDSAM2_JAX_CACHE") or os.path.join(Path.home(), ".cache", "medsam2_jax", "xla")
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return os.path.abspath(d)
 
 
 class _Log:
@@ -504,7 +493,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo for parsed arguments; returns the report (also written to ``DIR/report.json``)."""
     _check_args(args)
     progress = not args.no_progress
-    cache = _setup_compile_cache(args.compile_cache)
+    cache = compile_cache.enable(args.compile_cache)
     log = _Log(stages=6, progress=progress)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

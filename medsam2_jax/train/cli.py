@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..config_cli import parse, usage_error
+
 USAGE = """Train Medical SAM 2 (SAM 2 with the self-sorting memory bank).
 
   python train.py --config=configs/demo.py --workdir=runs/demo [--config.<field>=<value> ...]
@@ -19,21 +21,6 @@ configs/base.py can be overridden, e.g. --config.total_steps=100 --config.image_
 --config.mesh.fsdp=8 --config.init_from=models/sam2.1_tiny --config.freeze="('image_encoder',)".
 The same command with the same --workdir resumes from the latest checkpoint.
 """
-
-
-DEFAULT_CACHE = os.environ.get("MEDSAM2_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "medsam2-jax",
-                                                                   "xla"))
-
-
-def enable_compile_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in ``directory`` ('' = off): a run started again (a resume, the
-    next experiment with the same shapes) loads its compiled programs instead of compiling them."""
-    if not directory:
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(directory)))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=3600",
@@ -52,48 +39,21 @@ def relax_cpu_collective_timeouts() -> None:
 
 
 def _usage_error(msg: str) -> None:
-    print(f"train.py: error: {msg}\nRun `python train.py --help` for the flags and configs/base.py for the fields.",
-          file=sys.stderr)
-    sys.exit(2)
+    usage_error("train.py", msg, "configs/base.py")
 
 
 def main(argv: list[str] | None = None) -> None:
     relax_cpu_collective_timeouts()
     from absl import flags
-    from ml_collections import config_flags
 
-    flag_values = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, "path to a config file (configs/*.py)",
-                                             flag_values=flag_values, lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, curves (resumes if it "
-                                  "holds a checkpoint)", flag_values=flag_values)
-    cache = flags.DEFINE_string("compile_cache", DEFAULT_CACHE, "directory of JAX's persistent compilation cache "
-                                "(later runs skip the XLA compiles); '' turns it off. Default: $MEDSAM2_JAX_CACHE "
-                                "or ~/.cache/medsam2-jax/xla", flag_values=flag_values)
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(USAGE)
-        print("Flags:")
-        for name in ("config", "workdir", "compile_cache"):
-            f = flag_values[name]
-            print(f"  --{name}: {f.help}" + (f" (default: {f.default!r})" if f.default else ""))
-        sys.exit(0)
-    try:
-        flag_values(argv)
-    except Exception as e:  # absl's flags.Error, or what a config override raises (unknown field, bad type)
-        cause = e.__cause__ or e.__context__
-        if isinstance(e, KeyError) or isinstance(cause, KeyError) or "Could not override" in str(e) or \
-                str(e).startswith("\"'"):
-            bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-            _usage_error(f"unknown config field in {', '.join(bad)} ({e}); the fields are those of configs/base.py "
-                         "(nested ones with dots, e.g. --config.mesh.fsdp=2)")
-        _usage_error(str(e).strip() or type(e).__name__)
-    if config.value is None:
-        _usage_error("--config is required, e.g. --config=configs/demo.py")
-    if not workdir.value:
-        _usage_error("--workdir is required, e.g. --workdir=runs/demo")
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, curves (resumes if it holds a "
+                            "checkpoint)", flag_values=fv)
 
-    enable_compile_cache(cache.value)
+    fv = parse(argv, prog="train.py", usage=USAGE, config_help="path to a config file (configs/*.py)",
+               fields_from="configs/base.py", example_config="configs/demo.py", define=define,
+               required={"workdir": "--workdir=runs/demo"})
+    config, workdir = fv["config"], fv["workdir"]
     from .checkpoint import CheckpointMismatch
     from .config import ConfigError
     from .loop import train
