@@ -1,132 +1,27 @@
 """The self-sorting memory bank of Medical SAM 2 (paper §3.2–3.3), as pure functions over fixed-size arrays.
 
-The method
-----------
-SAM 2 attends, at frame ``t``, to the memories of the prompted (conditioning) frames plus those of the
-``num_maskmem - 1 = 6`` frames just before ``t`` (paper eq. 1): a FIFO. Medical SAM 2 replaces that FIFO by
-a *self-sorting* bank of ``K`` entries ``E_i``, which is what lets it track through unordered image sets
-(2D one-prompt segmentation) and through slice sequences in any orientation (3D):
+SAM 2 attends to the memories of the ``K = num_maskmem - 1 = 6`` frames just before ``t``: a FIFO (paper
+eq. 1, policy ``"fifo"``). The paper replaces it with a self-sorting bank of ``K`` entries ``E_i`` (policy
+``"self_sorting"``), so that tracking works through unordered image sets and slices in any orientation:
 
-1. **Confidence gate.** After predicting frame ``t-1`` with IoU confidence ``c_{t-1}`` (the mask decoder's
-   IoU head, for the chosen mask), the entry ``E_{t-1}`` is considered only if ``c_{t-1} >= c_thresh``;
-   otherwise the bank is left unchanged.
-2. **Total dissimilarity (eq. 2).** Over the ``K + 1`` candidates ``C = M_{t-1} ∪ {E_{t-1}}``,
-   ``D_i = Σ_{j≠i} (1 − cos(E_i, E_j))``.
-3. **TopK (eq. 3).** The ``K`` candidates with the largest ``D_i`` form ``M_t``: the most redundant one
-   is dropped.
-4. **Resampling (eqs. 4–5).** Before memory attention at frame ``t``, ``K`` indices are drawn *with
-   replacement* with ``p_i ∝ sim(F_t, E_i)``; memory attention reads the drawn entries.
+1. **Confidence gate.** A frame's entry is offered only if its predicted IoU ``c >= c_thresh``.
+2. **Total dissimilarity (eq. 2).** ``D_i = Σ_{j≠i} (1 − cos(E_i, E_j))`` over the ``K + 1`` candidates.
+3. **TopK (eq. 3).** The ``K`` most dissimilar are kept: the arg-min of ``D`` is dropped (ties keep the older).
+4. **Resampling (eqs. 4–5).** Before memory attention, ``K`` entries are drawn with replacement with
+   ``p_i ∝ max(cos(F_t, E_i), ε)``.
 
-Everything here is a pure function of fixed-shape pytrees, so a whole propagation is one ``lax.scan``, a
-batch of volumes or objects is one ``vmap``, and nothing recompiles as the bank fills:
+Why pure functions of fixed-shape pytrees: a whole propagation is one ``lax.scan``, a batch of banks is one
+``vmap``, and nothing recompiles as the bank fills (slots carry a validity mask). The bank never looks inside
+its ``payload`` (the tracker stores SAM 2's memory features and object pointers there); similarities use a
+separate ``descriptor`` of each frame's image embedding (:func:`make_descriptor`).
 
-* :class:`Bank` — ``payload`` (any pytree whose leaves have a leading ``K`` axis; the tracker stores
-  SAM 2's memory features ``[K, N, 64]``, their position encodings ``[K, N, 64]`` and object pointers
-  ``[K, 256]`` there — the bank never looks inside it), ``descriptor [K, D]`` (what the similarities are
-  computed on), ``confidence [K]``, ``frame_idx [K]``, ``valid [K]``, ``stamp [K]`` (insertion order) and
-  ``clock`` (insertions so far).
-* :func:`init`, :func:`update` / :func:`update_with_info` (eqs. 2–3 and SAM 2's FIFO),
-  :func:`resample` / :func:`draw_slots` / :func:`sampling_probabilities` (eqs. 4–5), :func:`gather`,
-  :func:`temporal_index` (the temporal position rule), :func:`read` (everything the tracker needs before
-  memory attention, in one call), :func:`make_descriptor`, :func:`total_dissimilarity`.
+Public functions: :class:`BankConfig`, :class:`Bank`, :func:`init`, :func:`update` /
+:func:`update_with_info` (gate, eqs. 2–3, FIFO), :func:`resample` / :func:`draw_slots` /
+:func:`sampling_probabilities` (eqs. 4–5), :func:`gather`, :func:`temporal_index`, :func:`read`,
+:func:`make_descriptor`, :func:`total_dissimilarity`, :func:`num_valid`, :func:`chronological_slots`.
 
-Use (one object; ``vmap`` for several, ``lax.scan`` over frames)::
-
-    bank = init(cfg.K, {"maskmem": f32[N, 64], "maskmem_pos": f32[N, 64], "obj_ptr": f32[256]}, D)
-    # frame t: read before memory attention ...
-    desc = make_descriptor(image_embed_t)                       # [D], from the raw (unconditioned) map
-    r = read(bank, desc, t, key_t, cfg)                         # r.view.payload: K entries, r.view.valid
-    #   memory attention over r.view.payload["maskmem"] (masked by r.view.valid), position encoding
-    #   r.view.payload["maskmem_pos"] + maskmem_tpos_enc[r.tpos_row]; prompted frames are attended apart.
-    # ... then offer the frame (not a prompted one) with its predicted IoU:
-    bank = update(bank, payload_t, desc, iou_t, t, cfg)
-
-Configuration, defaults and why (:class:`BankConfig`)
------------------------------------------------------
-=====================  ==============  ========================================================================
-field                  default         why
-=====================  ==============  ========================================================================
-``policy``             "self_sorting"  The paper's method. ``"fifo"`` is SAM 2's own memory (the most recent
-                                       ``K`` frames, every frame stored, no threshold, no resampling) and
-                                       ignores the three switches below.
-``use_threshold``      True            Paper Table 3, first column (confidence gate).
-``use_dissimilarity``  True            Table 3, second column. When False a confident entry evicts the
-                                       *oldest* entry, i.e. "SAM 2's FIFO behind a confidence gate" — the
-                                       paper's baseline row ("rather than simply using the most recent K
-                                       frames as in SAM 2").
-``use_resampling``     True            Table 3, third column. When False memory attention reads the bank as
-                                       is (each valid entry once).
-``c_thresh``           0.5             The paper gives no value. 0.5 on SAM 2's predicted IoU means "the
-                                       model expects its mask to overlap the truth more than not"; it is
-                                       also SAMURAI's default gate on the same IoU head
-                                       (``memory_bank_iou_threshold = 0.5``) for the same purpose (keeping
-                                       doubtful frames out of a SAM 2 memory). Prompted frames are always
-                                       attended outside the bank, so a strict gate cannot starve the tracker.
-``K``                  6               ``num_maskmem - 1``: pretrained SAM 2 memory attention was trained on
-                                       at most 6 non-conditioning memories plus the prompted ones, and with
-                                       ``policy="fifo"`` K = 6 *is* SAM 2. The paper does not state K; the
-                                       official 2D code uses 16 (use ``K=16`` for that comparison).
-``weighting``          "linear"        Eq. 4 literally: ``p_i ∝ max(cos, linear_eps)``. ``"softmax"``
-                                       (``softmax(cos / temperature)``) is the official code's choice.
-``linear_eps``         1e-6            Cosine can be ≤ 0, and then eq. 4 is not a distribution. Clamping at a
-                                       tiny positive value keeps it one: an entry pointing away from the
-                                       query is (practically) never drawn, unless every entry does, in which
-                                       case draws are uniform over the valid entries.
-``temperature``        1.0             Only for ``"softmax"``. 1.0 reproduces the official code (whose
-                                       weights are then nearly uniform: ratios ≤ e² ≈ 7.4); lower sharpens.
-``tpos_rule``          "distance"      Which row of SAM 2's ``maskmem_tpos_enc`` an entry gets (see below).
-``num_maskmem``        7               SAM 2's temporal table size (rows for distances 1..6 + prompted).
-=====================  ==============  ========================================================================
-
-Decisions where the paper is silent (ours)
-------------------------------------------
-* **What E_i is for similarity.** Cosine must compare like with like: each entry carries a *descriptor*
-  of its frame in the same space as the query ``F_t`` — the frame's own image embedding (the backbone's
-  lowest-resolution map, *before* memory conditioning), pooled by :func:`make_descriptor` (mean over a
-  4 x 4 grid by default: D = 16 * 256 = 4096, keeps the coarse layout, costs nothing). The same
-  descriptor serves eq. 2 and eq. 4. What memory attention reads stays SAM 2's (the payload).
-* **Empty and partly filled bank.** Slots carry a validity mask. While the bank is not full, an accepted
-  entry fills the lowest free slot (TopK over ≤ K valid candidates keeps them all). Once full, the
-  ``K + 1``-candidate TopK drops exactly one candidate — the argmin of ``D`` — and the new entry is written
-  into the dropped slot (or the bank is unchanged if the new entry is the one dropped). This *is* the masked
-  TopK of eq. 3 (invalid candidates score −inf and are never kept) but writes one entry instead of
-  gathering all ``K`` payloads, and slots never move, so FIFO is a ring buffer.
-* **Ties** in ``D`` (e.g. identical blank slices) are broken by age: **the older entry is kept**, so an
-  exact duplicate of an entry already in the bank never displaces it. To make ties exact and the kept set
-  independent of slot order *bit for bit*, each row of ``1 − cos`` terms is sorted before it is summed
-  (``K + 1`` terms: free), and similarities use ``Precision.HIGHEST`` matmuls.
-* **K = 1** with dissimilarity: both candidates have the same ``D`` (eq. 2 is symmetric), so the first
-  confident entry stays forever. That is eq. 2–3 taken literally; use ``use_dissimilarity=False`` or K > 1.
-* **All-invalid bank.** ``jax.random.categorical`` silently returns index 0 when every logit is −inf; the
-  draw's validity is taken from the drawn slot, so an empty bank yields an all-invalid view (slots −1).
-* **Temporal position encoding** of unordered entries. SAM 2 adds ``maskmem_tpos_enc[t_rel - 1]`` to a
-  non-conditioning memory ``t_rel ∈ 1..6`` frames away (row ``num_maskmem - 1`` belongs to prompted
-  frames). ``"distance"`` (default): ``t_rel = clip(|t − frame_idx|, 1, num_maskmem − 1)`` — SAM 2's own
-  rule, exact under FIFO, and honest for far entries (they get the "farthest" row). ``"rank"``: the dense
-  rank of that distance among the valid entries (duplicates share a rank), clipped the same way — always
-  spreads the entries over rows 1..6 as pretrained weights saw them. Both are slot-order independent.
-* **FIFO read window.** :func:`read` under ``"fifo"`` also drops entries more than ``K`` frames away (eq. 1;
-  for K = 6 exactly SAM 2's window). With the tracker storing only non-prompted frames in the bank, this
-  reproduces SAM 2 when a prompted frame lies inside the window (SAM 2 then attends to 5 memories, not 6).
-* **Gradients.** Selection is discrete: scores are computed under ``stop_gradient``. The payload is *not*
-  detached: the entry written by :func:`update` and the entries gathered by :func:`resample` keep the
-  gradients of the frames they came from (writes and gathers are differentiable), as in SAM 2's own
-  training, where memories of earlier frames of a clip are not detached. Truncate with
-  ``jax.lax.stop_gradient`` on the payload in the tracker if memory is a concern.
-* **Not-drawn / invalid entries** of a view hold zeros, frame −1, and are marked ``valid = False``; memory
-  attention must mask them.
-* **NaN confidence** fails ``c >= c_thresh`` and is rejected.
-
-How it differs from the official code (SuperMedIntel/Medical-SAM2, which we do not copy)
----------------------------------------------------------------------------------------
-The official code has a bank only in its 2D path (its 3D path is plain SAM 2 FIFO, one orientation); it
-appends unconditionally while not full, then swaps one entry by a heuristic (the nearest neighbour of the
-entry least similar to the new one, if ``iou_new > iou_old − 0.1``) instead of an absolute threshold and
-TopK of total dissimilarity; its write-side similarity is on memory features and its read-side on the
-flattened image embedding, where the query and the keys are flattened in different orders (HWC vs CHW);
-it draws ``softmax(cos)`` samples, as many as the batch size (one by default), not K; it detaches
-everything; and it adds no temporal encoding. Here: one bank for 2D and 3D, the paper's eqs. 2–5, one
-descriptor for both similarities, K draws, a documented temporal rule, and gradients through the payload.
+Design decisions (defaults and why, what the paper leaves open, how this differs from the official code):
+``docs/architecture.md``, section "The memory bank".
 """
 
 from __future__ import annotations
@@ -158,7 +53,7 @@ _NORM_FLOOR = 1e-12  # a zero descriptor has cosine 0 with everything (no NaN)
 class BankConfig:
     """Static configuration of one bank (frozen and hashable: pass it as a static ``jit`` argument).
 
-    See the module docstring for each default and why. ``policy="fifo"`` ignores ``use_threshold``,
+    See ``docs/architecture.md`` for each default and why. ``policy="fifo"`` ignores ``use_threshold``,
     ``use_dissimilarity`` and ``use_resampling``; the effective switches are :attr:`threshold_on`,
     :attr:`dissimilarity_on` and :attr:`resampling_on`.
     """
@@ -571,7 +466,7 @@ def resample(bank: Bank, query_descriptor: Array, key: Array, cfg: BankConfig) -
 
 
 def temporal_index(bank_or_view: Bank, current_frame: Array, cfg: BankConfig) -> Array:
-    """``t_rel [K]`` in ``[1, num_maskmem − 1]`` for each entry, by ``cfg.tpos_rule`` (module docstring).
+    """``t_rel [K]`` in ``[1, num_maskmem − 1]`` for each entry, by ``cfg.tpos_rule`` (``docs/architecture.md``).
 
     SAM 2 adds ``maskmem_tpos_enc[t_rel − 1]`` to such a memory. Invalid entries get ``num_maskmem − 1``
     (in range; they must be masked anyway).
