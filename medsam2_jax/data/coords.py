@@ -2,7 +2,7 @@
 
 A user looks at a NIfTI file in a viewer's voxel mode (ITK-SNAP, 3D Slicer): a voxel is ``(x, y, z)`` =
 indices along the file's first, second and third array axes, whatever the affine says. The model sees
-something else: :func:`medsam2_jax.io.load_volume` reorients the array to RAS+, and
+something else: :func:`medsam2_jax.data.io.load_volume` reorients the array to RAS+, and
 :func:`medsam2_jax.data.preprocess.preprocess_case` slices it (transposes and flips the in-plane axes for a
 radiological view), crops it to its non-zero box and resizes every slice to ``S x S``. This module follows a
 prompt through the same steps, using only the :class:`~medsam2_jax.data.preprocess.GridTransform` that
