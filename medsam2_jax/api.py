@@ -328,7 +328,12 @@ def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed
 
 # ------------------------------------------------------------------------------------------ model directories
 def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -> Path:
-    """Write ``directory/params`` (orbax, PyTorch key names) and ``directory/medsam2.json``."""
+    """Write ``directory/params`` (orbax, PyTorch key names) and ``directory/medsam2.json``.
+
+    The calling process writes alone, also in a multi-process (``jax.distributed``) program: the model's
+    arrays are whole on this host (a multi-host caller gathers them first) and the other processes neither
+    call this nor wait on it (the training loop has process 0 call it after gathering the final parameters
+    on every process)."""
     import shutil
 
     import orbax.checkpoint as ocp
@@ -346,7 +351,13 @@ def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -
     params_dir = directory / PARAMS_DIR
     if params_dir.exists():
         shutil.rmtree(params_dir)
-    with ocp.StandardCheckpointer() as ckptr:
+    # orbax synchronises every process of a jax.distributed program around a save by default, so a save by
+    # one process would wait for ever (or time out) for the others; naming this process as the only active
+    # one (and the primary) makes it write everything and skip the barriers. Same as the default with one
+    # process.
+    me = jax.process_index()
+    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
         ckptr.save(params_dir, _nest(sd))
     meta = {
         "format_version": FORMAT_VERSION,

@@ -5,6 +5,9 @@ sequences per step, phantoms):
   interrupted, with the same loss at every step;
 * a checkpoint of another config, or a damaged one, is a clear error (exit 2) that leaves the workdir as it
   was;
+* 2 processes x 4 devices (gloo collectives over 127.0.0.1, ``jax.distributed`` from the environment)
+  train the same run, end with the parameters of the one-process run, and write ``model/`` (process 0
+  alone), which loads on one process and holds the final checkpoint's parameters;
 * the workdir holds what the README lists.
 
 The runs use the self-sorting bank with its resampling and memory-attention dropout on, so that the keys
@@ -18,6 +21,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +154,94 @@ def test_incompatible_or_damaged_checkpoint_is_a_clear_error(straight, tmp_path)
     assert str(newest) in r.stderr and "another --workdir" in r.stderr
     assert (d / "config.json").read_bytes() == before[d / "config.json"]
 
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _checkpoint_params(workdir, step):
+    """The parameters of checkpoint ``step``, restored on this one process, by their '/'-joined path."""
+    import orbax.checkpoint as ocp
+
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata
+        tree = ckptr.restore(path, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                                dict(meta)))
+    return _by_path(tree["params"])
+
+
+def _by_path(params):
+    """``{"image_encoder/neck/convs/0/conv/bias": array, ...}`` of an nnx parameter state or its orbax tree."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(k.key) for k in p[:-1]): np.asarray(v) for p, v in flat}  # [:-1]: the "value" key
+
+
+def test_two_processes_match_one_process(straight, tmp_path):
+    """The two processes' sums cross processes through gloo instead of inside one process, so the result
+    agrees to float32 rounding, not bit for bit. AdamW turns a gradient that is rounding noise into an
+    update of either sign, so entries of such tensors (the decoder's key-projection biases, whose exact
+    gradient is 0) may drift apart by up to the bound below; the meaningful checks are the losses at every
+    step (1e-6 relative) and the mean parameter difference, which must be under 5 % of how far the
+    parameters moved from their initial values. The run's model/ (written by process 0 alone from the
+    gathered parameters) must hold exactly the parameters of its last checkpoint."""
+    ref_dir, _ = straight
+    two = tmp_path / "two"
+    port = _free_port()
+    # Output goes to files, not pipes: a pipe that is not being read (the second process's, while the test
+    # waits on the first) fills up with XLA's compile warnings and blocks that process mid-compile.
+    logs = [(open(tmp_path / f"p{i}.out", "w+"), open(tmp_path / f"p{i}.err", "w+")) for i in range(2)]
+    procs = [subprocess.Popen(_cmd(two), cwd=ROOT, stdout=o, stderr=e, text=True,
+                              env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"))
+             for i, (o, e) in enumerate(logs)]
+    try:
+        for p in procs:
+            p.wait(timeout=2400)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = []
+    for o, e in logs:
+        o.seek(0)
+        e.seek(0)
+        outs.append((o.read(), e.read()))
+        o.close()
+        e.close()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "mesh data=2 x fsdp=4 over 8 cpu device(s), 2 process(es)" in outs[0][0]
+    last = max(int(x.name) for x in (two / "checkpoints").iterdir() if x.name.isdigit())
+    assert last == STEPS
+    rows, ref_rows = _rows(two), _rows(ref_dir)
+    assert [int(x["step"]) for x in rows] == list(range(1, STEPS + 1))
+    loss, ref_loss = (np.array([float(x["loss"]) for x in r]) for r in (rows, ref_rows))
+    print(f"losses: max relative difference {np.max(np.abs(loss - ref_loss) / np.abs(ref_loss)):.2e}")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    # model/: written in a multi-process run, loads on this one process, equals the last checkpoint
+    assert (two / "model" / "medsam2.json").exists()
+    a = _params(two)
+    saved = _checkpoint_params(two, last)
+    loaded = _by_path(a)
+    assert len(saved) == 470 and loaded.keys() == saved.keys()
+    for k in saved:
+        np.testing.assert_array_equal(loaded[k], saved[k], err_msg=k)
+    b = _params(ref_dir)
+    worst = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    from flax import nnx
+
+    from medsam2_jax import api
+
+    init = jax.tree.map(np.asarray, nnx.state(api.random_model("sam2.1_hiera_t", 64, seed=0), nnx.Param))
+    moved = np.mean([np.abs(x - y).mean() for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(init))])
+    apart = np.mean([np.abs(x - y).mean() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
+    print(f"parameters: max |difference| {worst:.2e}, mean {apart:.2e}, mean distance moved {moved:.2e}")
+    # An entry whose gradient is rounding noise gets an Adam update of either sign, at most
+    # (1 - b1) / sqrt(1 - b2) ~ 3.2 lr per step: the largest gap two such runs can open.
+    assert worst <= 2 * 3.2 * 1e-4 * STEPS, worst
+    assert apart <= 0.05 * moved, (apart, moved)  # the runs moved the same way, far beyond their difference

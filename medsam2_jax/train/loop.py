@@ -7,7 +7,8 @@
     WORKDIR/metrics.csv        step, loss and its terms, Dice, learning rate, grad norm, sequences/s
     WORKDIR/tensorboard/       TensorBoard events of the same metrics
     WORKDIR/curves.png         loss terms, Dice and learning rate against the step (at the end)
-    WORKDIR/model/             the final parameters as a model directory (medsam2_jax.load_model reads it)
+    WORKDIR/model/             the final parameters as a model directory (medsam2_jax.load_model reads it;
+                               process 0 writes it, also in multi-process runs)
     WORKDIR/eval.json          held-out Dice against the copy-mask baseline, at the start and the end
     WORKDIR/data/              generated phantoms, when the config asks for them
 
@@ -429,14 +430,15 @@ def train(c, workdir: str | os.PathLike) -> dict:
 
     host_params, host_rest = _host_copy(state.params), _host_copy(rest)
     final = nnx.merge(graphdef, host_params, host_rest)
-    if jax.process_count() > 1:
-        # api.save_model's orbax checkpointer synchronises all processes; called by one it fails (seen on a
-        # 2-process CPU run). Until it is made multi-host, the final weights are the last checkpoint.
-        _log(f"multi-process run: the final weights are in {workdir / 'checkpoints' / str(step)} (no model/ "
-             "directory yet); resume or evaluate from there on one process")
-    elif jax.process_index() == 0:
-        api.save_model(final, workdir / "model", source=f"trained by medsam2_jax.train for {step} steps")
     if jax.process_index() == 0:
+        # Multi-process runs: every process has just gathered the whole parameters (process_allgather, which
+        # all of them must join; process 0 needs them anyway for the final evaluation), and process 0 alone
+        # writes model/ with api.save_model, whose orbax checkpointer skips the cross-process barriers (only
+        # this process is active). A collective orbax save of the sharded state.params would spare the gather
+        # but write JAX's layouts and names, not the PyTorch ones of a model directory (export_state_dict
+        # converts host arrays), and the other processes would only join barriers for a file that one host
+        # writes. The other processes wait at the "end" sync below until model/ is complete.
+        api.save_model(final, workdir / "model", source=f"trained by medsam2_jax.train for {step} steps")
         plot_curves(workdir / "metrics.csv", workdir / "curves.png")
         if held_out is not None:
             res = evaluate(predict, host_params, held_out, pcfg_eval, int(c.eval.batches))
