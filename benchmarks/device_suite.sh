@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# benchmarks/device_suite.py on the device machine (one NVIDIA H200, no package registry), from the repo root,
+# with the wheels carried in .whl/ (see benchmarks/device_suite.py and README): the packages the machine
+# lacks (sam2 1.1.0 built pure-Python with SAM2_BUILD_CUDA=0, hydra-core, omegaconf, antlr4-python3-runtime,
+# iopath) plus flax 0.12.8, the version this project is tested with. Only those go to /tmp/site, so the
+# machine's own jax, numpy and torch are used. If the carried flax does not work with the machine's jax, it is
+# removed and the machine's flax is used (the JSON records the versions).
+#
+#   bash benchmarks/device_suite.sh [extra device_suite.py arguments]     # writes $OUT/device_suite.json, $OUT/log.txt
+set -u
+OUT=${OUT:-/tmp/device_suite_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+if ! python3 -c "import jax.numpy as jnp; from flax import nnx; print('flax', nnx.Linear(2, 3, rngs=nnx.Rngs(0))(jnp.ones((1, 2))).shape)"; then
+  echo "the carried flax does not work with this jax: using the machine's flax"
+  rm -rf /tmp/site/flax /tmp/site/flax-*.dist-info
+fi
+python3 -c "import jax, flax, torch, sam2, medsam2_jax.tracking; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+set -o pipefail
+PYTHONUNBUFFERED=1 python3 benchmarks/device_suite.py --out "$OUT/device_suite.json" "$@" 2>&1 | tee "$OUT/log.txt"
