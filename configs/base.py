@@ -13,7 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "sam2.1_hiera_t"  # a SAM 2 name: sam2.1_hiera_{t,s,b+,l}, sam2_hiera_{t,s,b+,l}
     c.init_from = ""  # a directory written by convert/sam2_to_flax.py (or a saved model); "" = random init
     c.image_size = 1024  # S, a multiple of 32
-    c.compute_dtype = "float32"  # "bfloat16": the image encoder computes in bf16 (params stay float32)
+    # "bfloat16": matmuls and convolutions in bf16 (float32 accumulation on GPU/TPU); norms, softmax, sigmoids,
+    # the heads' outputs, memories, the bank's statistics and the loss stay float32; parameters and optimiser
+    # state stay float32 (cast inside the step). See tracking.cast_model.
+    c.compute_dtype = "float32"
+    c.compute_scope = "model"  # what compute_dtype applies to: "model" (all of it) or "image_encoder" (only)
     c.remat = False  # rematerialise each tracking step in the backward pass (memory flat in num_frames)
     c.dropout = True  # memory-attention dropout (0.1, as SAM 2 trains)
     # ---------------------------------------------------------------- sequences and memory

@@ -13,6 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "sam2.1_hiera_t"  # the model built by --random_weights (a --checkpoint carries its own)
     c.image_size = 128  # S, a multiple of 32; 0 = the checkpoint's own size
     c.seed = 0  # random weights and the bank's resampling
+    c.compute_dtype = "float32"  # "bfloat16": the whole model computes in bf16 (tracking.compute_model)
     # ---------------------------------------------------------------- data (any combination)
     c.dataset_dirs = ()  # MSD-style folders (dataset.json, imagesTr/, labelsTr/); 3D cases only
     c.modality = ""  # overrides dataset.json's modality ("" = use it)

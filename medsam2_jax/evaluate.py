@@ -457,6 +457,8 @@ def check_config(cfg: Any) -> list[Method]:
         bad("threshold", f"{cfg.threshold}, expected a probability in (0, 1)")
     if int(cfg.phantoms) < 0:
         bad("phantoms", f"{cfg.phantoms}, expected >= 0")
+    if cfg.get("compute_dtype", "float32") not in ("float32", "bfloat16"):
+        bad("compute_dtype", f"{cfg.compute_dtype!r}, expected 'float32' or 'bfloat16'")
     if not cfg.methods:
         bad("methods", "empty; e.g. ('copy_mask', 'fifo', 'self_sorting')")
     methods = [parse_method(s) for s in cfg.methods]
@@ -521,6 +523,12 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
         except (api.CheckpointError, ValueError, KeyError) as e:
             raise UsageError(f"--checkpoint: {e}") from e
         source = str(checkpoint)
+    compute_dtype = str(cfg.get("compute_dtype", "float32"))
+    if model is not None:  # bfloat16: the whole model computes in bf16 (tracking.cast_model; I/O stays float32)
+        from . import tracking
+
+        model = tracking.compute_model(model, compute_dtype)
+        source += f", {compute_dtype} compute"
     size = size or int(model.image_size)
     cfg = _with_size(cfg, size)
     from .data.errors import DataError

@@ -25,9 +25,12 @@ The non-conditioning memory is a :class:`medsam2_jax.memory.bank.Bank`: with the
 SAM 2's "most recent ``num_maskmem - 1`` frames" and the result equals SAM 2's video predictor; with
 ``self_sorting`` it is the paper's self-sorting memory bank (threshold, dissimilarity TopK, resampling).
 
-Precision: float32 throughout, with stored memories rounded to bfloat16 as SAM 2's video predictor stores
-them (``store_memory_bf16``). :func:`cast_model` makes the image encoder compute in bfloat16 (the rest stays
-float32; see :data:`BF16_MODULES`).
+Precision: float32 by default, with stored memories rounded to bfloat16 as SAM 2's video predictor stores
+them (``store_memory_bf16``). ``cast_model(model, jnp.bfloat16, WHOLE_MODEL)`` (or
+``compute_model(model, "bfloat16")``) makes the whole model compute in bfloat16: matmuls and convolutions in
+bfloat16, norms, softmax, sigmoids, the heads' outputs, stored memories and the bank's statistics in float32
+(see :func:`cast_model`); the default ``cast_model(model, jnp.bfloat16)`` casts the image encoder alone
+(:data:`BF16_MODULES`).
 """
 
 from __future__ import annotations
@@ -571,7 +574,7 @@ def propagate_with_carry(
         ring = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), ring, ring0)
         fpn = _gather_frames(feats["fpn"], frame)
         top = fpn[-1]
-        desc = bank_lib.make_descriptor(top, grid)
+        desc = bank_lib.make_descriptor(top.astype(jnp.float32), grid)  # bank statistics in float32
 
         # Dropout takes a key of its own; without it the step key is the bank's alone (as in inference).
         bank_key, dropout_key = jax.random.split(step_key) if cfg.dropout else (step_key, None)
@@ -612,7 +615,7 @@ def propagate_with_carry(
         obj = jnp.where(is_cond[:, None], cpick(cond["object_score_logits"]), out["object_score_logits"])[:, 0]
 
         enters = active & ~is_cond
-        conf = out["iou"]
+        conf = out["iou"].astype(jnp.float32)
         new_bank = jax.vmap(lambda bk, p, d, cf, f: bank_lib.update(bk, p, d, cf, f, bcfg))(
             bank, {"maskmem": mem.astype(jnp.float32), "obj_ptr": out["obj_ptr"].astype(jnp.float32)}, desc, conf,
             frame,
@@ -770,20 +773,31 @@ def propagate_jit(
     return _propagate_jit(graphdef, state, feats, prompts, key, config, direction)
 
 
-# Submodules whose parameters the bfloat16 path casts: the image encoder, where the FLOPs are. The memory path
-# and the SAM heads stay float32: they read float32 features (SAM 2's FPN sums in float32, position encodings
-# are float32 constants), so bf16 weights there would only be promoted back, and the two-way transformer's
-# attention needs queries and keys of one dtype.
+# Submodules whose parameters ``cast_model``'s default casts: the image encoder alone, where most FLOPs are
+# (the rest then computes in float32 on the encoder's bfloat16 features). ``WHOLE_MODEL`` (``None``) casts every
+# submodule: see :func:`cast_model` for what then stays float32.
 BF16_MODULES = ("image_encoder",)
+WHOLE_MODEL = None
+# Scopes of :func:`compute_model` (and of the ``compute_scope`` field of the training/eval configs).
+COMPUTE_SCOPES = {"model": WHOLE_MODEL, "image_encoder": BF16_MODULES}
 
 
 def cast_model(model: SAM2, dtype: Any, modules: Sequence[str] | None = BF16_MODULES) -> SAM2:
-    """A copy of ``model`` whose floating-point parameters and buffers in the top-level submodules ``modules``
-    (all of them if None) are ``dtype``, e.g. ``jnp.bfloat16``.
+    """A copy of ``model`` whose floating-point parameters (``nnx.Param``) in the top-level submodules
+    ``modules`` (all of them with ``None`` = :data:`WHOLE_MODEL`) are ``dtype``, e.g. ``jnp.bfloat16``.
 
-    Frames fed to it should be cast the same way. With the default ``modules`` the image encoder computes in
-    ``dtype`` and everything after it in float32 (see :data:`BF16_MODULES`)."""
-    graphdef, state = nnx.split(model)
+    Every linear map and convolution computes in its kernel's dtype (``model.common.as_compute``: inputs are
+    cast to it), so with ``jnp.bfloat16`` the matmuls and convolutions of the cast submodules run in bfloat16
+    (XLA accumulates them in float32 on GPU/TPU). What stays float32 whatever the cast: constant buffers
+    (the prompt encoder's random-Fourier matrix) and position encodings / RoPE tables, LayerNorm statistics
+    and normalisation (Flax computes them in float32), attention scores, softmax and the normalisation of
+    the weighted sum (``common.attention``), the FPN's top-down sums (as SAM 2), sigmoids, the decoder's
+    outputs (mask logits accumulated in float32, IoU, object scores), the memories and pointers the tracker
+    stores, the memory bank's statistics (descriptors, similarity, confidence, dissimilarity) and the loss.
+
+    Frames may be given in float32 or ``dtype`` (the patch embedding casts them). With the default
+    ``modules`` only the image encoder computes in ``dtype`` (see :data:`BF16_MODULES`)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     names = None if modules is None else tuple(modules)
 
     def cast(path, a):
@@ -792,7 +806,20 @@ def cast_model(model: SAM2, dtype: Any, modules: Sequence[str] | None = BF16_MOD
             return a
         return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, state))
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(cast, params), rest)
+
+
+def compute_model(model: SAM2, compute_dtype: Any = "float32", scope: str = "model") -> SAM2:
+    """``model`` set up to compute in ``compute_dtype`` ("float32"/"bfloat16" or a dtype): itself for
+    float32, else :func:`cast_model` over ``scope``: "model" (every submodule, :data:`WHOLE_MODEL`) or
+    "image_encoder" (:data:`BF16_MODULES`). Used by training (inside the step: the float32 parameters stay
+    the master copy and the gradients flow back through the cast) and by ``eval.py``."""
+    dtype = jnp.dtype(compute_dtype)
+    if scope not in COMPUTE_SCOPES:
+        raise ValueError(f"compute scope must be one of {sorted(COMPUTE_SCOPES)}, got {scope!r}")
+    if dtype == jnp.float32:
+        return model
+    return cast_model(model, dtype, COMPUTE_SCOPES[scope])
 
 
 def track(

@@ -19,6 +19,7 @@ Layout convention: images and feature maps are NHWC, token sequences are (B, N, 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -64,11 +65,27 @@ def ReLU() -> Activation:  # noqa: N802 - mirrors torch.nn.ReLU
     return Activation(relu)
 
 
+def as_compute(x: Array, kernel: Array) -> Array:
+    """``x`` in the dtype of the layer's ``kernel``: the kernel's dtype is the layer's compute dtype.
+
+    A float32 model promotes as before (a bfloat16 input to a float32 layer computes in float32); a model whose
+    parameters were cast to bfloat16 (:func:`medsam2_jax.tracking.cast_model`) computes its matmuls and
+    convolutions in bfloat16 whatever reaches them (float32 position encodings, RoPE, memories), instead of
+    promoting back to float32. XLA accumulates bfloat16 dots and convolutions in float32 on GPU/TPU and
+    rounds each output once.
+    """
+    return x if x.dtype == kernel.dtype else x.astype(kernel.dtype)
+
+
 class Linear(nnx.Linear):
-    """``torch.nn.Linear``: kernel is (in, out) = ``weight.T``."""
+    """``torch.nn.Linear``: kernel is (in, out) = ``weight.T``. Computes in the kernel's dtype
+    (:func:`as_compute`)."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rngs: nnx.Rngs):
         super().__init__(in_features, out_features, use_bias=bias, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return super().__call__(as_compute(x, self.kernel[...]))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -76,7 +93,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 class Conv2d(nnx.Conv):
-    """``torch.nn.Conv2d`` on NHWC input: kernel is HWIO = ``weight.transpose(2, 3, 1, 0)``."""
+    """``torch.nn.Conv2d`` on NHWC input: kernel is HWIO = ``weight.transpose(2, 3, 1, 0)``. Computes in the
+    kernel's dtype (:func:`as_compute`)."""
 
     def __init__(
         self,
@@ -106,6 +124,7 @@ class Conv2d(nnx.Conv):
             groups == 1
 
     def __call__(self, x: Array) -> Array:
+        x = as_compute(x, self.kernel[...])
         bias = None if self.bias is None else self.bias[...]
         if self.depthwise:
             return depthwise_conv2d(x, self.kernel[...], bias, self.padding)
@@ -157,6 +176,9 @@ class ConvTranspose2d(nnx.ConvTranspose):
             transpose_kernel=True,
             rngs=rngs,
         )
+
+    def __call__(self, x: Array) -> Array:
+        return super().__call__(as_compute(x, self.kernel[...]))
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -215,8 +237,8 @@ class MLP(nnx.Module):
             x = layer(x)
             if i < self.num_layers - 1:
                 x = self.activation(x)
-        if self.sigmoid_output:
-            x = jax.nn.sigmoid(x)
+        if self.sigmoid_output:  # in float32 (also for a bfloat16 model)
+            x = jax.nn.sigmoid(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
         return x
 
 
@@ -249,37 +271,75 @@ def query_block(batch: int, heads: int, nq: int, nk: int) -> int:
     return nq
 
 
-def attention(q: Array, k: Array, v: Array, *, key_mask: Array | None = None, block: int | None = None) -> Array:
+# Attention implementations (:func:`attention`): "einsum" (this module's two batched matmuls), "xla"
+# (``jax.nn.dot_product_attention(implementation="xla")``), "cudnn" (its cuDNN flash-attention kernel) and
+# "auto" (the default): einsum on CPU; on GPU cudnn for bfloat16/float16 inputs whose shapes cuDNN accepts
+# (checked when traced; otherwise xla: on an H200 with JAX 0.10 cuDNN rejected the (B, 1, 1, Nk) key mask, so
+# masked calls go through xla) and xla for float32; xla on TPU. The environment variable
+# ``MEDSAM2_ATTENTION`` sets it for the process (read when a function is traced), the ``impl`` argument per call.
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+ATTENTION_ENV = "MEDSAM2_ATTENTION"
+
+
+def attention_impl(impl: str | None = None) -> str:
+    """The attention implementation asked for: ``impl``, else ``$MEDSAM2_ATTENTION``, else ``"auto"``."""
+    impl = impl or os.environ.get(ATTENTION_ENV, "") or "auto"
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {ATTENTION_IMPLS}, got {impl!r} "
+                         f"(argument or ${ATTENTION_ENV})")
+    return impl
+
+
+def uses_fused_attention(impl: str | None = None) -> bool:
+    """Whether :func:`attention` goes through ``jax.nn.dot_product_attention`` for ``impl`` on the default
+    backend (for callers whose value width differs from the key width, which that function does not accept)."""
+    impl = attention_impl(impl)
+    return impl in ("xla", "cudnn") or (impl == "auto" and jax.default_backend() != "cpu")
+
+
+def attention(q: Array, k: Array, v: Array, *, key_mask: Array | None = None, block: int | None = None,
+              impl: str | None = None) -> Array:
     """Scaled dot-product attention on (B, N, heads, head_dim) inputs, as ``F.scaled_dot_product_attention``.
 
-    ``q``, ``k``: (B, Nq, H, D), (B, Nk, H, D); ``v``: (B, Nk, H, Dv) (Dv may differ from D) -> (B, Nq, H, Dv).
+    ``q``, ``k``: (B, Nq, H, D), (B, Nk, H, D); ``v``: (B, Nk, H, Dv) (Dv may differ from D; through
+    ``jax.nn.dot_product_attention`` the narrower side is zero-padded) -> (B, Nq, H, Dv), in ``v``'s dtype. ``impl``: see :data:`ATTENTION_IMPLS` (default
+    ``$MEDSAM2_ATTENTION`` or "auto": einsum on CPU, ``jax.nn.dot_product_attention`` on GPU/TPU).
 
-    Heads are moved next to the batch so that both products are plain batched matmuls, and the softmax
-    normalisation is applied after the value product (one pass fewer over the (Nq, Nk) scores; PyTorch's
-    fused CPU kernel does the same). Equal to softmax-then-matmul up to float32 rounding (<= 7e-7 measured),
-    and 20-40 % faster on CPU than ``jax.nn.dot_product_attention``. Large score matrices are computed
-    ``block`` queries at a time (default :func:`query_block`; the result does not depend on it).
+    Einsum path: heads are moved next to the batch so that both products are plain batched matmuls, and the
+    softmax normalisation is applied after the value product (one pass fewer over the (Nq, Nk) scores;
+    PyTorch's fused CPU kernel does the same). Equal to softmax-then-matmul up to float32 rounding (<= 7e-7
+    measured), and 20-40 % faster on CPU than ``jax.nn.dot_product_attention``. Large score matrices are
+    computed ``block`` queries at a time (default :func:`query_block`; the result does not depend on it).
+    With bfloat16 inputs the scores are accumulated and exponentiated in float32, the value product takes
+    the bfloat16-rounded exponentials with float32 accumulation, and the normalisation is in float32 (as
+    ``jax.nn.dot_product_attention`` does: softmax in float32, probabilities rounded to the input dtype).
 
     ``key_mask`` (B, Nk) bool: False keys are excluded; a row with no True key averages all values
     uniformly (callers that can meet that case zero it). It is only used to hide *extra* padding that the
     PyTorch reference never sees; SAM 2's own zero-padding (Hiera windows) and its single padding point
     take part in attention exactly as in PyTorch and must not be masked.
     """
+    impl = attention_impl(impl)
     b, nq, h, _ = q.shape
-    block = query_block(b, h, nq, k.shape[1]) if block is None else block
-    if nq % block:
+    if block is not None and nq % block:
         raise ValueError(f"attention: block={block} must divide the {nq} queries")
-    scale = np.asarray(1.0 / np.sqrt(q.shape[-1]), q.dtype)
-    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (B, H, Nk, D)
+    if uses_fused_attention(impl):  # (one call: the fused implementations have no query blocks)
+        return _fused_attention(q, k, v, key_mask, impl)
+    block = query_block(b, h, nq, k.shape[1]) if block is None else block
+    dtype = jnp.result_type(q.dtype, k.dtype)
+    acc = jnp.promote_types(dtype, jnp.float32)  # scores, exponentials' sums and products accumulate here
+    scale = np.asarray(1.0 / np.sqrt(q.shape[-1]), acc)
+    kh, vh = jnp.swapaxes(k.astype(dtype), 1, 2), jnp.swapaxes(v, 1, 2)  # (B, H, Nk, D)
 
     def one_block(qb: Array) -> Array:  # (B, H, bq, D) -> (B, H, bq, Dv)
-        s = jnp.einsum("bhqd,bhkd->bhqk", qb, kh)
+        s = jnp.einsum("bhqd,bhkd->bhqk", qb, kh, preferred_element_type=acc)
         if key_mask is not None:
             s = jnp.where(key_mask[:, None, None, :], s, jnp.finfo(s.dtype).min)
         e = jnp.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True)))
-        return jnp.einsum("bhqk,bhkd->bhqd", e, vh) / e.sum(axis=-1)[..., None]
+        o = jnp.einsum("bhqk,bhkd->bhqd", e.astype(vh.dtype), vh, preferred_element_type=acc)
+        return (o / e.sum(axis=-1)[..., None]).astype(v.dtype)
 
-    qh = jnp.swapaxes(q * scale, 1, 2)  # (B, H, Nq, D)
+    qh = jnp.swapaxes((q.astype(acc) * scale).astype(dtype), 1, 2)  # (B, H, Nq, D)
     if block == nq:
         o = one_block(qh)
     else:
@@ -287,3 +347,33 @@ def attention(q: Array, k: Array, v: Array, *, key_mask: Array | None = None, bl
         o = jax.lax.map(one_block, qb)
         o = jnp.moveaxis(o, 0, 2).reshape(b, h, nq, -1)
     return jnp.swapaxes(o, 1, 2)
+
+
+def _fused_attention(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str) -> Array:
+    """:func:`attention` through ``jax.nn.dot_product_attention`` (all inputs in ``v``'s dtype)."""
+    dtype = v.dtype
+    q, k = q.astype(dtype), k.astype(dtype)
+    d, dv = q.shape[-1], v.shape[-1]
+    scale = float(1.0 / np.sqrt(d))
+    if dv != d:
+        # That function needs values as wide as the keys: zero-pad the narrower side (exact; the scale stays
+        # 1/sqrt(D)) and drop the padding from the output.
+        pad = lambda x, n: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, n - x.shape[-1])))  # noqa: E731
+        if dv < d:
+            return _fused_attention_padded(q, k, pad(v, d), key_mask, impl, scale)[..., :dv]
+        q, k = pad(q, dv), pad(k, dv)
+    return _fused_attention_padded(q, k, v, key_mask, impl, scale)
+
+
+def _fused_attention_padded(q: Array, k: Array, v: Array, key_mask: Array | None, impl: str, scale: float
+                            ) -> Array:
+    dtype = v.dtype
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Nk): broadcast to (B, H, Nq, Nk)
+    if impl == "auto":
+        impl = "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        if impl == "cudnn":
+            try:  # cuDNN's shape and dtype checks run here, at trace time
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+            except (NotImplementedError, ValueError, RuntimeError):
+                impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)

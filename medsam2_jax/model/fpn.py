@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .common import Conv2d
+from .common import Conv2d, as_compute
 from .hiera import Hiera
 from .position import sine_position_encoding
 from .sizes import ModelSpec, get_spec
@@ -38,7 +38,7 @@ def _composed_pointwise(x: Array, first: Conv2d, second: Conv2d) -> Array:
     hi = jax.lax.Precision.HIGHEST
     w2 = second.kernel[...][0, 0]
     w = jnp.matmul(first.kernel[...][0, 0], w2, precision=hi)
-    y = jnp.einsum("...c,co->...o", x, w)
+    y = jnp.einsum("...c,co->...o", as_compute(x, w), w)
     if first.bias is not None:
         y = y + jnp.matmul(first.bias[...], w2, precision=hi)
     return y if second.bias is None else y + second.bias[...]

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import MLP, Conv2d, LayerNorm, Linear, attention, gelu
+from .common import MLP, Conv2d, LayerNorm, Linear, as_compute, attention, gelu
 from .sizes import ModelSpec
 
 Array = jax.Array
@@ -137,7 +137,7 @@ class PatchEmbed(nnx.Module):
         )  # (B, n_h, n_w, [di, dj, r, c, ch])
         k = jnp.pad(self.proj.kernel[...], ((0, 1), (0, 1), (0, 0), (0, 0)))  # (8, 8, C_in, C_out)
         k = k.reshape(2, 4, 2, 4, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(64 * c, -1)
-        return jnp.einsum("bhwk,ko->bhwo", patches, k) + self.proj.bias[...]
+        return jnp.einsum("bhwk,ko->bhwo", as_compute(patches, k), k) + self.proj.bias[...]
 
 
 class MultiScaleAttention(nnx.Module):
@@ -173,7 +173,7 @@ class MultiScaleAttention(nnx.Module):
             else:
                 # PyTorch zero-pads the normed map, so padded tokens project to the qkv bias alone:
                 # qkv(pad(x)) == pad(x @ W) + b. Project the real tokens only, then partition.
-                qkv = jnp.einsum("bhwc,cd->bhwd", x, self.qkv.kernel[...])
+                qkv = jnp.einsum("bhwc,cd->bhwd", as_compute(x, self.qkv.kernel[...]), self.qkv.kernel[...])
                 qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))) + self.qkv.bias[...]
                 qkv = window_partition(qkv, ws)  # (B * nW, ws, ws, 3 * dim_out)
         nb = qkv.shape[0]

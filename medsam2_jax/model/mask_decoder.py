@@ -249,11 +249,15 @@ class MaskDecoder(nnx.Module):
         hyper_in = jnp.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
         )
-        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in, upscaled)
+        # The heads' outputs are float32 whatever the compute dtype (a bfloat16 model's mask logits are
+        # accumulated in float32 and never rounded to bfloat16; IoU and object scores are cast up).
+        dt = jnp.result_type(hyper_in.dtype, upscaled.dtype)
+        out_dt = jnp.promote_types(dt, jnp.float32)
+        masks = jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dt), upscaled.astype(dt), preferred_element_type=out_dt)
 
-        iou_pred = self.iou_prediction_head(iou_token_out)
+        iou_pred = self.iou_prediction_head(iou_token_out).astype(out_dt)
         if self.pred_obj_scores:
-            object_score_logits = self.pred_obj_score_head(hs[:, 0])
+            object_score_logits = self.pred_obj_score_head(hs[:, 0]).astype(out_dt)
         else:
             # No object head: assume the object is present (sigmoid(10) ~ 1), as SAM 2.
             object_score_logits = jnp.full((iou_pred.shape[0], 1), 10.0, iou_pred.dtype)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .common import LayerNorm, Linear, attention, relu
+from .common import LayerNorm, Linear, as_compute, attention, relu, uses_fused_attention
 from .rope import apply_rope, apply_rope_keys, axial_rope_tables, grid_for_tokens
 
 Array = jax.Array
@@ -128,9 +128,13 @@ class RoPEAttention(nnx.Module):
         # to one, so softmax(QK^T) (X W + b) = (softmax(QK^T) X) W + b. When the inputs are narrower than a
         # head (memory: 64 channels, heads of 256), attending over X first and projecting after does the
         # (Nq x Nk) product on 64 channels instead of 256: 4x fewer FLOPs in the largest matmul of a
-        # tracking step. Same result up to float32 rounding.
-        low_rank_v = self.kv_in_dim < hd
+        # tracking step. Same result up to float32 rounding. jax.nn.dot_product_attention (the attention
+        # implementation on GPU/TPU, see common.attention) needs values as wide as the keys: there the full
+        # v_proj is applied first (4x the FLOPs of that product, inside the fused kernel).
+        low_rank_v = self.kv_in_dim < hd and (not uses_fused_attention() or
+                                              not (deterministic or self.dropout_p == 0.0))
         if low_rank_v:
+            v = as_compute(v, self.v_proj.kernel[...])  # the projection's dtype, as v_proj(v) would compute in
             vx = jnp.broadcast_to(v[:, :, None, :], (b, nk, self.num_heads, self.kv_in_dim))
         else:
             vx = self.v_proj(v).reshape(b, nk, self.num_heads, hd)
@@ -145,13 +149,19 @@ class RoPEAttention(nnx.Module):
         else:
             # Dropout on the attention weights (F.scaled_dot_product_attention's dropout_p): one einsum
             # pair over all keys, as the deterministic path but with the weights materialised.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(hd, q.dtype))
+            # Scores, softmax and dropout in float32 (also for bfloat16 inputs), the value product in vx's
+            # dtype with float32 accumulation.
+            acc = jnp.promote_types(q.dtype, jnp.float32)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype), preferred_element_type=acc)
+            logits = logits / jnp.sqrt(jnp.asarray(hd, acc))
             if key_mask is not None:
                 logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
             weights = jax.nn.softmax(logits, axis=-1)
             weights = _dropout(weights, self.dropout_p, deterministic, rngs)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, vx)
-            row_sum = jnp.swapaxes(weights.sum(-1), 1, 2)[..., None]  # (B, Nq, H, 1): dropout breaks the 1
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(vx.dtype), vx,
+                             preferred_element_type=acc).astype(vx.dtype)
+            # (B, Nq, H, 1): dropout breaks the 1
+            row_sum = jnp.swapaxes(weights.sum(-1), 1, 2)[..., None].astype(vx.dtype)
         if low_rank_v:
             w = self.v_proj.kernel[...].reshape(self.kv_in_dim, self.num_heads, hd)
             bias = self.v_proj.bias[...].reshape(self.num_heads, hd)

@@ -16,6 +16,7 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16")
+SCOPES = ("model", "image_encoder")  # tracking.COMPUTE_SCOPES
 POLICIES = ("fifo", "self_sorting")
 
 
@@ -73,6 +74,7 @@ def validate(c) -> None:
     if not isinstance(_get(c, "init_from"), str):
         raise ConfigError("init_from", "expected a directory path (a string), or '' for random init")
     _choice(c, "compute_dtype", DTYPES)
+    _choice(c, "compute_scope", SCOPES)
     for f in ("remat", "dropout", "progress", "data.realct", "data.augment", "bank.use_threshold",
               "bank.use_dissimilarity", "bank.use_resampling"):
         _bool(c, f)

@@ -338,7 +338,7 @@ def train(c, workdir: str | os.PathLike) -> dict:
                           object_score=float(c.loss.object_score))
     dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
     step_fn = jit_train_step(make_train_step(graphdef, rest, tx, tcfg, weights=weights, compute_dtype=dtype,
-                                             schedule=sched), state_sh, batch_sh)
+                                             compute_scope=c.compute_scope, schedule=sched), state_sh, batch_sh)
 
     source = make_source(c, workdir)
     pcfg = pipeline_config(c, jax.process_index(), jax.process_count())

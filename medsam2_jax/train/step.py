@@ -59,23 +59,31 @@ def tracker_config(base: tracking.TrackerConfig, *, remat: bool = False, dropout
 
 
 def sequence_outputs(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.TrackerConfig,
-                     compute_dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+                     compute_dtype: Any = jnp.float32, compute_scope: str = "model") -> dict[str, jax.Array]:
     """Track every sequence of ``batch``: (B, T, 4, S/4, S/4) candidate logits, their IoU predictions and
-    validity, the chosen low-res masks and the object-score logits (B, T)."""
+    validity, the chosen low-res masks and the object-score logits (B, T).
+
+    ``compute_dtype`` other than float32 casts the (float32) parameters of ``compute_scope`` ("model": every
+    submodule, "image_encoder": the encoder alone, the rest then computing in float32 on float32 features)
+    inside the traced step (:func:`tracking.compute_model`): the parameters stay float32 and their gradients
+    flow back through the cast. The heads' outputs and the loss are float32 either way."""
     images = batch["images"]
     b, t = images.shape[:2]
-    enc_model = model
-    if compute_dtype != jnp.float32:
-        enc_model = tracking.cast_model(model, compute_dtype)
+    cmodel = tracking.compute_model(model, compute_dtype, compute_scope)
+    if jnp.dtype(compute_dtype) != jnp.float32:
         images = images.astype(compute_dtype)
-    enc = enc_model.encode_image(images.reshape((b * t,) + images.shape[2:]))
-    fpn = [f.astype(jnp.float32).reshape((b, t) + f.shape[1:]) for f in enc["backbone_fpn"]]
-    pos = [q[:1].astype(jnp.float32) for q in enc["vision_pos_enc"]]
+    enc = cmodel.encode_image(images.reshape((b * t,) + images.shape[2:]))
+    track_model, fpn, pos = cmodel, enc["backbone_fpn"], enc["vision_pos_enc"]
+    if compute_scope != "model":  # only the encoder computes in compute_dtype
+        track_model = model
+        fpn, pos = [f.astype(jnp.float32) for f in fpn], [q.astype(jnp.float32) for q in pos]
+    fpn = [f.reshape((b, t) + f.shape[1:]) for f in fpn]
+    pos = [q[:1] for q in pos]
     prompts = batch_to_prompts(batch, tcfg.max_cond_frames)
     keys = jax.random.split(key, b)
 
     def one(fpn_i, prompts_i, key_i):
-        out = tracking.propagate(model, {"fpn": fpn_i, "pos": pos}, prompts_i, key_i, tcfg, "forward")
+        out = tracking.propagate(track_model, {"fpn": fpn_i, "pos": pos}, prompts_i, key_i, tcfg, "forward")
         return {k: out[k][0] for k in ("candidates", "candidates_iou", "candidates_valid", "low_res_masks",
                                        "object_score_logits")}
 
@@ -83,10 +91,11 @@ def sequence_outputs(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.Tr
 
 
 def loss_and_terms(model: SAM2, batch: dict, key: jax.Array, tcfg: tracking.TrackerConfig,
-                   weights: LossWeights = LossWeights(), compute_dtype: Any = jnp.float32):
+                   weights: LossWeights = LossWeights(), compute_dtype: Any = jnp.float32,
+                   compute_scope: str = "model"):
     """SAM 2's loss of a batch (see :mod:`.losses`): the candidates are upsampled to the image size
     (bilinear, as SAM 2 computes its losses on ``high_res_masks``) and scored against the full-size masks."""
-    out = sequence_outputs(model, batch, key, tcfg, compute_dtype)
+    out = sequence_outputs(model, batch, key, tcfg, compute_dtype, compute_scope)
     s = batch["masks"].shape[-1]
     cand = resize_bilinear(out["candidates"], (s, s), antialias=False)
     # A mask prompt is its frame's output: SAM 2 scores the full-size logits (mask * 20 - 10) there, not their
@@ -109,19 +118,21 @@ def make_train_step(
     *,
     weights: LossWeights = LossWeights(),
     compute_dtype: Any = jnp.float32,
+    compute_scope: str = "model",
     schedule: Callable | None = None,
     return_grads: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` (not jitted: :func:`jit_train_step` adds the shardings).
 
-    ``rest``: the model's non-parameter state (constants), closed over. ``return_grads`` adds the gradients
+    ``rest``: the model's non-parameter state (constants), closed over. ``compute_dtype`` /
+    ``compute_scope``: see :func:`sequence_outputs` (the parameters and optimiser state stay float32). ``return_grads`` adds the gradients
     to the metrics (tests compare them across meshes). The step's key is
     ``fold_in(state.key, state.step)``, so a resumed run draws what an uninterrupted one would.
     """
 
     def loss_fn(params, batch, key):
         model = nnx.merge(graphdef, params, rest)
-        return loss_and_terms(model, batch, key, tcfg, weights, compute_dtype)
+        return loss_and_terms(model, batch, key, tcfg, weights, compute_dtype, compute_scope)
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(state.key, state.step)
