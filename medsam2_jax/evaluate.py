@@ -59,7 +59,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .train.cli import DEFAULT_CACHE, enable_compile_cache, relax_cpu_collective_timeouts
+from .config_cli import parse, usage_error
+from .train.cli import relax_cpu_collective_timeouts
 
 PROG = "eval.py"
 BANKS = ("fifo", "self_sorting")
@@ -585,58 +586,30 @@ overlays/ (best, median, worst case) in --workdir.
 
 
 def _usage_error(msg: str) -> None:
-    print(f"{PROG}: error: {msg}\nRun `python eval.py --help` for the flags and configs/eval_phantoms.py for the "
-          "fields.", file=sys.stderr)
-    sys.exit(2)
+    usage_error(PROG, msg, "configs/eval_phantoms.py")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     relax_cpu_collective_timeouts()
     from absl import flags
-    from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config = config_flags.DEFINE_config_file("config", None, "path to an eval config (configs/eval_*.py)",
-                                             flag_values=fv, lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "output directory: per_case.csv, summary.json, overlays/",
-                                  flag_values=fv)
-    ckpt = flags.DEFINE_string("checkpoint", None, "model directory (convert/sam2_to_flax.py output or train.py's "
-                               "WORKDIR/model)", flag_values=fv)
-    rnd = flags.DEFINE_boolean("random_weights", False, "a randomly initialised model instead of --checkpoint "
-                               "(meaningless model rows; to try the pipeline)", flag_values=fv)
-    cache = flags.DEFINE_string("compile_cache", DEFAULT_CACHE, "JAX's persistent compilation cache directory "
-                                "('' = off)", flag_values=fv)
-    progress = flags.DEFINE_boolean("progress", True, "show a tqdm progress bar", flag_values=fv)
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(USAGE)
-        print("Flags:")
-        for name in ("config", "checkpoint", "random_weights", "workdir", "compile_cache", "progress"):
-            f = fv[name]
-            print(f"  --{name}: {f.help}" + (f" (default: {f.default!r})" if f.default else ""))
-        return 0
-    saved = sys.argv
-    try:
-        sys.argv = argv  # ml_collections' config flag finds the config file's overrides in sys.argv
-        fv(argv)
-    except Exception as e:  # absl's flags.Error, or what a config override raises (unknown field, bad type)
-        cause = e.__cause__ or e.__context__
-        if isinstance(e, KeyError) or isinstance(cause, KeyError) or "Could not override" in str(e) or \
-                str(e).startswith("\"'"):
-            bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-            _usage_error(f"unknown config field in {', '.join(bad)} ({e}); the fields are those of "
-                         "configs/eval_phantoms.py (nested ones with dots, e.g. --config.prompt.kind=click)")
-        _usage_error(str(e).strip() or type(e).__name__)
-    finally:
-        sys.argv = saved
-    if config.value is None:
-        _usage_error("--config is required, e.g. --config=configs/eval_phantoms.py")
-    if not workdir.value:
-        _usage_error("--workdir is required, e.g. --workdir=out/eval")
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "output directory: per_case.csv, summary.json, overlays/",
+                            flag_values=fv)
+        flags.DEFINE_string("checkpoint", None, "model directory (convert/sam2_to_flax.py output or train.py's "
+                            "WORKDIR/model)", flag_values=fv)
+        flags.DEFINE_boolean("random_weights", False, "a randomly initialised model instead of --checkpoint "
+                             "(meaningless model rows; to try the pipeline)", flag_values=fv)
+        flags.DEFINE_boolean("progress", True, "show a tqdm progress bar", flag_values=fv)
+
+    fv = parse(argv, prog=PROG, usage=USAGE, config_help="path to an eval config (configs/eval_*.py)",
+               fields_from="configs/eval_phantoms.py", example_config="configs/eval_phantoms.py", define=define,
+               required={"workdir": "--workdir=out/eval"})
+    config, workdir, ckpt, rnd, progress = (fv[n] for n in ("config", "workdir", "checkpoint", "random_weights",
+                                                                "progress"))
     if ckpt.value is None and not rnd.value:
         _usage_error("--checkpoint is required (a model directory from convert/sam2_to_flax.py or train.py's "
                      "WORKDIR/model), or pass --random_weights to try the pipeline without one")
-    enable_compile_cache(cache.value)
     try:
         run(config.value, workdir.value, ckpt.value, rnd.value, progress=progress.value)
     except UsageError as e:
