@@ -83,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-frames", type=int, default=None, help="frames per training sequence (8; smoke 4)")
     p.add_argument("--train-batches", type=int, nargs="+", default=None,
                    help="training batch sizes to try (default 2 4 8; smoke 2)")
-    p.add_argument("--train-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--train-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute type of the training step (default bfloat16; smoke float32: XLA:CPU takes tens of "
+                        "minutes to compile the bf16 step)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per measurement (3; smoke 1)")
     p.add_argument("--bf16-scope", default="model", choices=["model", "image_encoder"],
                    help="what computes in bf16 where the library has tracking.compute_model")
@@ -118,6 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.train_frames = a.train_frames or (4 if sm else 8)
     a.train_batches = a.train_batches or ([2] if sm else [2, 4, 8])  # smoke: one compile (minutes on CPU)
     a.repeats = a.repeats or (1 if sm else 3)
+    a.train_dtype = a.train_dtype or ("float32" if sm else "bfloat16")
     a.budget_s = a.budget_s if a.budget_s is not None else (1800.0 if sm else 420.0)
     a.torch_compile_cap_s = a.torch_compile_cap_s if a.torch_compile_cap_s is not None else (120.0 if sm else 150.0)
     a.torch_compile_backend = a.torch_compile_backend or ("eager" if sm else "inductor")
@@ -317,7 +320,7 @@ class Suite:
         os.replace(tmp, out)
 
     def run_section(self, name: str, fn, est_s: float) -> None:
-        if self.args.sections is not None and name not in self.args.sections:
+        if self.args.sections is not None and name not in self.args.sections + ["environment", "models"]:
             return
         if not self.budget.fits(est_s):
             self.sections[name] = {"status": f"skipped: budget ({self.budget.left():.0f} s left, needs ~{est_s:.0f} s)"}
@@ -343,25 +346,24 @@ class Suite:
         log(f"section {name}: {sec['status']} in {sec['wall_s']:.1f} s")
         self.write()
 
-    def parallel(self, jobs: dict) -> dict:
-        """Run ``{key: thunk}`` (XLA compiles) in threads unless --serial-compile; {key: (value | exception)}."""
-        if self.args.serial_compile or len(jobs) <= 1:
-            out = {}
-            for k, f in jobs.items():
-                try:
-                    out[k] = f()
-                except Exception as e:  # noqa: BLE001
-                    out[k] = e
-            return out
-        with cf.ThreadPoolExecutor(max_workers=len(jobs)) as ex:
-            futs = {k: ex.submit(f) for k, f in jobs.items()}
-            out = {}
-            for k, fu in futs.items():
-                try:
-                    out[k] = fu.result()
-                except Exception as e:  # noqa: BLE001
-                    out[k] = e
-            return out
+    def parallel(self, jobs: dict, reserve_s: float = 30.0) -> dict:
+        """Run ``{key: thunk}`` (XLA compiles) in threads (one at a time with --serial-compile); returns
+        ``{key: value or exception}``. A job not done when only ``reserve_s`` of the budget is left is given up
+        (a ``TimeoutError``; its thread runs on in the background, and the process ends with ``os._exit``)."""
+        ex = cf.ThreadPoolExecutor(max_workers=1 if self.args.serial_compile else len(jobs))
+        futs = {k: ex.submit(f) for k, f in jobs.items()}
+        done, _ = cf.wait(list(futs.values()), timeout=max(self.budget.left() - reserve_s, 1.0))
+        ex.shutdown(wait=False, cancel_futures=True)
+        out = {}
+        for k, fu in futs.items():
+            if fu not in done:
+                out[k] = TimeoutError(f"not done within the budget (given up with {reserve_s:.0f} s left)")
+                continue
+            try:
+                out[k] = fu.result()
+            except Exception as e:  # noqa: BLE001
+                out[k] = e
+        return out
 
     # -------------------------------------------------------------------------------------- environment
     def environment(self, sec: dict) -> None:
@@ -815,7 +817,7 @@ class Suite:
         if not self.budget.fits(60.0):
             raise RuntimeError("skipped: budget (training-step compiles)")
         t0 = time.perf_counter()
-        compiled = self.parallel({b: (lambda b=b: compile_one(b)) for b in a.train_batches})
+        compiled = self.parallel({b: (lambda b=b: compile_one(b)) for b in a.train_batches}, reserve_s=20.0)
         sec["compile_wall_s"] = time.perf_counter() - t0
         mem = jax_memory() or {}
         limit = mem.get("bytes_limit")
@@ -1086,4 +1088,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)  # not sys.exit: a compile given up at the budget may still run in a thread
