@@ -16,7 +16,11 @@ indices), ``--point X Y`` (positive click, repeatable), ``--negative-point X Y``
 the input's shape whose slice ``Z`` is used; ``.nii``, ``.nii.gz`` or ``.npy``).
 
 The 3D mode is :func:`medsam2_jax.volume.segment_volume` (the paper's six orientations with the
-self-sorting memory bank, aggregated by mean; ``--orientations`` picks fewer). Intensities are normalised
+self-sorting memory bank, aggregated by mean; ``--orientations`` picks fewer). For speed the command's
+default takes at most ``--frames 32`` coronal and sagittal sections per axis (``--frames all``: one per voxel
+of the crop) and reuses the first-stage axial runs as the axial result instead of tracking the axial pair a
+second time (``--rerun-axial`` does); each axis's frames are encoded once and shared by both directions.
+The README's segment section gives the measured time split and the agreement with the full path. Intensities are normalised
 as in the paper (:func:`medsam2_jax.data.preprocess.preprocess_case`). **CT without dataset statistics**
 (one's own unlabelled scan) is clipped to the HU window (``--window``, default soft tissue: level 40 /
 width 400, i.e. -160..240 HU) and z-scored with mean = level, std = width / 4 (the window maps to [-2, 2];
@@ -55,6 +59,8 @@ import numpy as np
 
 PROG = "medsam2-segment"
 DEFAULT_RANDOM_SIZE = 256
+#: Coronal / sagittal sections per sequence by default (at most one per voxel of the crop): see the README.
+DEFAULT_FRAMES = 32
 CT_AIR_HU = -500.0
 CT_AIR_FRACTION = 0.01
 #: ``--orientations N`` takes the first N of these (then runs them in the paper's order).
@@ -110,8 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many of the six orientations to run (1-6, taken in the order axial, axial_rev, "
                    "coronal, coronal_rev, sagittal, sagittal_rev; 2 = the prompted axis both ways) or a "
                    "comma-separated list of those names (default: all 6)")
-    s.add_argument("--frames", type=int, default=None, metavar="T",
-                   help="frames per coronal / sagittal sequence (default: one per voxel of the crop, at most S)")
+    s.add_argument("--frames", type=_frames_arg, default=DEFAULT_FRAMES, metavar="T|all",
+                   help="at most T evenly spaced sections per coronal / sagittal sequence (never more than one per "
+                   "voxel of the crop, nor more than S); 'all' = one per voxel of the crop, as before (default: "
+                   "%(default)s; see the README's segment section for what the default keeps)")
+    s.add_argument("--rerun-axial", action="store_true",
+                   help="track the axial pair again inside the combined six-orientation pass (the paper's combined "
+                   "input taken literally; slower) instead of reusing the first-stage axial runs")
     s.add_argument("--modality", default="auto", help="CT, MR or auto (default; any modality name the package "
                    "knows is accepted)")
     s.add_argument("--window", default="soft_tissue", metavar="NAME",
@@ -136,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "the folder is segmented (medsam2_jax.oneprompt). --out is then a folder (default "
                    "./<folder>_masks/) of <name>_mask.png (0/255, each image's own size) and overlays/")
     return ap
+
+
+def _frames_arg(text: str) -> int | None:
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'all', got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 'all'), got {v}")
+    return v
+
+
+def volume_config(a: argparse.Namespace):
+    """The :class:`~medsam2_jax.volume.VolumeConfig` of parsed arguments (the command's defaults: see
+    :data:`DEFAULT_FRAMES` and ``--rerun-axial``)."""
+    from .volume import VolumeConfig
+
+    names = getattr(a, "orientation_names", None) or parse_orientations(a.orientations)
+    return VolumeConfig(orientations=names, max_frames=a.frames, reuse_axial=not a.rerun_axial)
 
 
 def _nifti_name(path: str) -> bool:
@@ -229,8 +261,6 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         ap.error(f"argument --threshold: must be in (0, 1), got {a.threshold}")
     if a.overlays < 0:
         ap.error(f"argument --overlays: must be >= 0, got {a.overlays}")
-    if a.frames is not None and a.frames < 1:
-        ap.error(f"argument --frames: must be >= 1, got {a.frames}")
     for name, val in (("--out", a.out), ("--probabilities", a.probabilities)):
         if val is not None and not _nifti_name(val) and a.template is None:
             ap.error(f"argument {name}: {val!r} must end in .nii or .nii.gz")
@@ -715,8 +745,6 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     else:
         size, size_src = DEFAULT_RANDOM_SIZE, "the default for --random-weights"
 
-    if a.frames is not None and a.frames > size:
-        ap.error(f"argument --frames: {a.frames} exceeds the frame size S = {size}; valid range 1..{size}")
 
     if a.template is not None:
         return run_image_set(a, ap, log, size, size_src, t_start)
@@ -778,9 +806,12 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
 
     from . import volume
 
-    cfg = volume.VolumeConfig(orientations=a.orientation_names, frames=a.frames)
+    cfg = volume_config(a)
     log.say(f"segmenting with {len(cfg.orientations)} orientation(s) ({', '.join(cfg.orientations)}), bank "
-            f"{cfg.tracker.bank.policy}, scope {cfg.scope}; the first run compiles (minutes on a CPU, cached after)")
+            f"{cfg.tracker.bank.policy}, scope {cfg.scope}, coronal/sagittal sections "
+            f"{'one per voxel' if cfg.max_frames is None else f'at most {cfg.max_frames}'}, axial pair "
+            f"{'tracked again in the combined pass' if not cfg.reuse_axial else 'reused from the first stage'}; "
+            "the first run compiles (a minute or more on a CPU, cached after)")
     t = time.perf_counter()
     with instrumented(log) as tm:
         res = volume.segment_volume_detailed(model, pre, prompt.as_volume_prompt(), cfg, key=jax.random.key(a.seed))
@@ -812,6 +843,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     summary = {"mask": str(out), "files": written, "overlays": [str(p) for p in pngs], "voxels": voxels,
                "volume_ml": ml, "slices_with_mask": [int(per[0]), int(per[-1])] if per.size else None,
                "image_size": size, "modality": modality, "orientations": list(cfg.orientations),
+               "max_frames": cfg.max_frames, "reuse_axial": cfg.reuse_axial,
                "timings": timings, "frames_encoded": tm["frames_encoded"], "frames_tracked": tm["frames_tracked"]}
     print(f"mask: {out} (uint8, shape {shape}, the input's affine and qform/sform codes {vol.qform_code}/"
           f"{vol.sform_code}): {voxels} voxels = {ml:.2f} mL"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medsam2_jax import segment
+from medsam2_jax import segment, volume
 from medsam2_jax.data import coords
 from medsam2_jax.data.io import Volume
 from medsam2_jax.data.phantoms import make_phantom
@@ -166,6 +166,19 @@ def test_unlabelled_ct_preprocess_and_modality_guess():
     assert segment.guess_modality(mri)[0] == "MRI"
 
 
+def test_default_is_the_fast_path_and_the_full_path_is_one_flag_away():
+    """The command's default: six orientations, at most 32 coronal/sagittal sections, the stage-1 axial pair
+    reused (tests/test_volume.py checks that this encodes each axis once and tracks the axial pair once);
+    ``--frames all --rerun-axial`` is the library's paper-literal default."""
+    base = ["x.nii.gz", "--random-weights", "--slice", "0", *BOX]
+    cfg = segment.volume_config(segment.build_parser().parse_args(base))
+    assert cfg.orientations == volume.ORIENTATIONS and cfg.frames is None
+    assert cfg.max_frames == segment.DEFAULT_FRAMES == 32 and cfg.reuse_axial and cfg.scope == "shared"
+    full = segment.volume_config(segment.build_parser().parse_args(base + ["--frames", "all", "--rerun-axial"]))
+    assert full == volume.VolumeConfig()
+    assert segment.volume_config(segment.build_parser().parse_args(base + ["--frames", "8"])).max_frames == 8
+
+
 def test_parse_orientations():
     assert segment.parse_orientations("6") == segment.parse_orientations("all") == (
         "axial", "coronal", "sagittal", "axial_rev", "coronal_rev", "sagittal_rev")
@@ -226,6 +239,8 @@ BAD = {
     "both_weights": (["--slice", "5", *BOX, "--model", "{dir}"], "--model", "exactly one"),
     "image_size": (["--slice", "5", *BOX, "--image-size", "100"], "--image-size", "multiple of 32"),
     "orientations": (["--slice", "5", *BOX, "--orientations", "7"], "--orientations", "1-6"),
+    "frames_zero": (["--slice", "5", *BOX, "--frames", "0"], "--frames", ">= 1 (or 'all')"),
+    "frames_word": (["--slice", "5", *BOX, "--frames", "many"], "--frames", "a count >= 1 or 'all'"),
     "out_suffix": (["--slice", "5", *BOX, "--out", "{out}/mask.png"], "--out", ".nii"),
     "modality": (["--slice", "5", *BOX, "--modality", "sonar"], "--modality", "CT, MR"),
     "cropped_slice": (["--slice", "22", *BOX, "--modality", "MR"], "--slice", "all zero"),

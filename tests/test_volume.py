@@ -210,3 +210,79 @@ def test_single_orientation_equals_plain_track(model, phantom):
     # Same computation on the same frames (the encoder batches them differently: float32 rounding only).
     assert np.abs(res.probs[Z:] - ref_p).max() < 1e-5
     assert np.all(res.probs[:Z] == 0) and np.all(res.count[:Z] == 0) and np.all(res.count[Z:] == 1)
+
+
+# ---------------------------------------------------------------------------------------------- fast path
+def test_aggregate_takes_a_list_and_equals_the_stacked_form():
+    rng = np.random.default_rng(1)
+    ps = [rng.uniform(size=(3, 8, 8)).astype(np.float32) for _ in range(4)]
+    vs = [rng.uniform(size=(3, 8, 8)) > 0.3 for _ in range(4)]
+    for method in volume.AGGREGATIONS:
+        stacked = volume.aggregate(np.stack(ps), np.stack(vs), method)
+        assert np.array_equal(volume.aggregate(ps, vs, method), stacked)
+        assert np.array_equal(volume.aggregate(ps, None, method), volume.aggregate(np.stack(ps), None, method))
+    with pytest.raises(ValueError, match="visited has shape"):
+        volume.aggregate(ps, vs[:3])
+
+
+def test_max_frames_caps_the_sections_and_validates(phantom):
+    _, pre, _ = phantom
+    crop = pre.grid.crop_hw
+    _, frames = volume._image_and_frames(pre, volume.VolumeConfig(max_frames=5), S)
+    assert frames == {1: min(5, crop[0]), 2: min(5, crop[1])}
+    _, frames = volume._image_and_frames(pre, volume.VolumeConfig(max_frames=10_000), S)
+    assert frames == {1: min(crop[0], S), 2: min(crop[1], S)}  # never more than one per voxel of the crop
+    _, frames = volume._image_and_frames(pre, volume.VolumeConfig(frames=3, max_frames=5), S)
+    assert frames == {1: 3, 2: 3}  # an exact count wins
+    for bad in ({"max_frames": 0}, {"reuse_axial": 1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            volume.VolumeConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def fast_result(model, phantom):
+    """The command's fast path (the stage-1 axial pair reused) on the same volume, prompt and key as ``result``,
+    counting the image-encoder calls and the tracker runs."""
+    _, pre, mask = phantom
+    calls = {"encode": [], "track": []}
+    enc0, trk0 = volume.encode_frames, volume._track_blocks
+
+    def enc(model, frames, *a, **kw):
+        calls["encode"].append(int(frames.shape[0]))
+        return enc0(model, frames, *a, **kw)
+
+    def trk(model, feats, *a, **kw):
+        calls["track"].append(int(feats["fpn"][0].shape[0]))
+        return trk0(model, feats, *a, **kw)
+
+    volume.encode_frames, volume._track_blocks = enc, trk
+    try:
+        res = volume.segment_volume_detailed(model, pre, {"slice": Z, "mask": mask},
+                                             dataclasses.replace(CFG, reuse_axial=True), key=jax.random.key(1))
+    finally:
+        volume.encode_frames, volume._track_blocks = enc0, trk0
+    return res, calls
+
+
+@pytest.mark.slow
+def test_fast_path_encodes_each_axis_once_and_reuses_the_axial_pair(fast_result, result):
+    res, calls = fast_result
+    t = CFG.frames
+    # One encoder call per axis (both directions of an axis index the same features), n + 2T frames.
+    assert calls["encode"] == [N, t, t]
+    # Stage 1 (axial forward and backward from the prompt) is tracked once; the combined pass holds only the
+    # coronal and sagittal blocks (2T frames: both directions of an axis share the prompted frame).
+    assert calls["track"] == [N - Z, Z + 1, 2 * t]
+    assert [r["orientations"] for r in res.runs] == [("axial",), ("axial_rev",),
+                                                     ("coronal", "sagittal", "coronal_rev", "sagittal_rev")]
+    # The axial orientations are the stage-1 runs, which are the old path's stage 1 bit for bit (same key).
+    for i, o in enumerate(("axial", "axial_rev")):
+        assert np.array_equal(res.runs[i]["probs"], result.runs[i]["probs"])
+        run = res.runs[i]
+        own = (N - 1 - run["frames"]) if o.endswith("_rev") else run["frames"]
+        assert np.array_equal(res.orientations[o].frame_probs[own], run["probs"])
+    # Same derived prompts as the old path (they come from the same stage 1).
+    for o in ("coronal", "sagittal"):
+        assert res.orientations[o].prompt_frame == result.orientations[o].prompt_frame
+        assert np.array_equal(res.orientations[o].prompt_mask, result.orientations[o].prompt_mask)
+    assert res.count.min() >= 3 and res.probs.shape == result.probs.shape
