@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import compile_cache
+from .memory.bank import POLICIES
 
 import numpy as np
 
-POLICIES = ("self_sorting", "fifo")
 DATA_KINDS = ("phantom", "realct")
 PROMPT_KINDS = ("box", "click", "mask")
 NEXT_STEPS = """

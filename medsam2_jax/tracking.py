@@ -47,6 +47,7 @@ from flax import nnx
 
 from .memory import bank as bank_lib
 from .model.position import get_1d_sine_pe
+from .model.prompt_labels import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
 from .model.sam2 import NO_OBJ_SCORE, SAM2, resize_bilinear
 
 Array = jax.Array
@@ -185,7 +186,7 @@ def make_prompts(
                 if not (box[0] <= box[2] and box[1] <= box[3]):
                     raise ValueError(f"object {i}, frame {f}: box {box.tolist()} must satisfy x0 <= x1 and y0 <= y1")
                 pts = np.concatenate([pts, box.reshape(2, 2)])
-                lab = np.concatenate([lab, np.array([2, 3], np.int32)])
+                lab = np.concatenate([lab, np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.int32)])
             if pr.get("points") is not None:
                 pp = np.asarray(pr["points"], np.float32).reshape(-1, 2)
                 ll = np.asarray(pr.get("labels"), np.int32).reshape(-1) if pr.get("labels") is not None else None
@@ -395,7 +396,7 @@ def _candidates(sel: dict[str, Array], multimask: Array) -> tuple[Array, Array, 
 
 def _pointer_tpos(model: SAM2, pos: Array, t_diff_max: int) -> Array:
     """Temporal encoding of object pointers at signed distances ``pos`` (..., n) -> (..., n, 64)."""
-    if not model.is_v21:  # SAM 2.0: no temporal encoding on pointers
+    if not model.is_2_1:  # SAM 2.0: no temporal encoding on pointers
         return jnp.zeros(pos.shape + (model.mem_dim,), jnp.float32)
     pe = get_1d_sine_pe(pos.astype(jnp.float32) / t_diff_max, dim=model.hidden_dim)
     return model.obj_ptr_tpos_proj(pe)

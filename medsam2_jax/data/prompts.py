@@ -52,11 +52,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-LABEL_PAD = -1
-LABEL_NEG = 0
-LABEL_POS = 1
-LABEL_BOX_TOP_LEFT = 2
-LABEL_BOX_BOTTOM_RIGHT = 3
+from ..model.prompt_labels import (LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_NEG,  # noqa: F401
+                                   LABEL_PAD, LABEL_POS)
 
 PROMPT_MASK = 0
 PROMPT_CLICK = 1

@@ -53,11 +53,10 @@ from flax import nnx
 
 from .common import Conv2d, Embedding, GELU, LayerNorm2d, run_sequential
 from .position import PositionEmbeddingRandom
+from .prompt_labels import LABEL_PAD as PAD_LABEL, VALID_LABELS  # one definition of the codes
 
 Array = jax.Array
 
-PAD_LABEL = -1
-VALID_LABELS = (-1, 0, 1, 2, 3)
 
 
 def _hw(size: int | Sequence[int], name: str) -> tuple[int, int]:

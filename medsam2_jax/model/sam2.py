@@ -24,6 +24,7 @@ from .mask_decoder import MaskDecoder
 from .memory_attention import build_memory_attention
 from .memory_encoder import MemoryEncoder
 from .prompt_encoder import PromptEncoder, check_prompts
+from .prompt_labels import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
 from .sizes import ModelSpec, get_spec
 
 Array = jax.Array
@@ -75,7 +76,7 @@ class SAM2(nnx.Module):
         self.max_obj_ptrs_in_encoder = 16
         self.sigmoid_scale_for_mem_enc = 20.0
         self.sigmoid_bias_for_mem_enc = -10.0
-        self.is_v21 = spec.version == "2.1"
+        self.is_2_1 = spec.is_2_1
         emb = image_size // 16
 
         self.image_encoder = build_image_encoder(spec.name, rngs=rngs)
@@ -108,7 +109,7 @@ class SAM2(nnx.Module):
         self.no_mem_embed = nnx.Param(init(rngs.params(), (1, 1, self.hidden_dim)))
         self.no_mem_pos_enc = nnx.Param(init(rngs.params(), (1, 1, self.hidden_dim)))
         self.no_obj_ptr = nnx.Param(init(rngs.params(), (1, self.hidden_dim)))
-        if self.is_v21:
+        if self.is_2_1:
             self.obj_ptr_tpos_proj = Linear(self.hidden_dim, self.mem_dim, rngs=rngs)
             self.no_obj_embed_spatial = nnx.Param(init(rngs.params(), (1, self.mem_dim)))
         else:
@@ -338,10 +339,10 @@ def _merge_prompts(
     if boxes is not None:
         boxes = jnp.asarray(boxes, jnp.float32).reshape(b, 2, 2)
         parts_c.append(boxes)
-        parts_l.append(jnp.broadcast_to(jnp.array([2, 3], jnp.int32), (b, 2)))
+        parts_l.append(jnp.broadcast_to(jnp.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], jnp.int32), (b, 2)))
     if points is not None:
         parts_c.append(jnp.asarray(points, jnp.float32).reshape(b, -1, 2))
         parts_l.append(jnp.asarray(labels, jnp.int32).reshape(b, -1))
     if not parts_c:
-        return jnp.zeros((b, 1, 2), jnp.float32), -jnp.ones((b, 1), jnp.int32)
+        return jnp.zeros((b, 1, 2), jnp.float32), jnp.full((b, 1), LABEL_PAD, jnp.int32)
     return jnp.concatenate(parts_c, axis=1), jnp.concatenate(parts_l, axis=1)

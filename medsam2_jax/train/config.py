@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..memory.bank import POLICIES
 from ..model.sizes import MODEL_NAMES
 
 
@@ -17,7 +18,6 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16")
 SCOPES = ("model", "image_encoder")  # tracking.COMPUTE_SCOPES
-POLICIES = ("fifo", "self_sorting")
 
 
 def _int(c, field: str, low: int, *, allow: tuple = ()) -> int:
