@@ -257,7 +257,7 @@ def _list_names(names: dict[int, str]) -> str:
     return ", ".join(items[:40]) + (f", ... ({len(items)} in all)" if len(items) > 40 else "")
 
 
-def choose_target(pre: Any, spec: str | None):
+def target_from_spec(pre: Any, spec: str | None):
     """The target to track: ``spec`` ``None``/``"auto"`` -> the largest kept component of any class; a name or
     id -> the largest kept component of that class."""
     if not pre.targets:
@@ -275,7 +275,7 @@ def choose_target(pre: Any, spec: str | None):
 
 # ---------------------------------------------------------------------------------------------- prompts
 def tracker_prompts(ev: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
-    """Evaluation prompts (:class:`medsam2_jax.data.prompts.Prompts`) -> the tracker's per-frame dicts, and the
+    """Evaluation prompts (:class:`medsam2_jax.data.prompts.SequencePrompts`) -> the tracker's per-frame dicts, and the
     same prompts in the form :func:`medsam2_jax.viz.save_slice_grid` draws."""
     frames: list[dict[str, Any]] = []
     draw: dict[int, dict[str, Any]] = {}
@@ -518,7 +518,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # 2. Preprocessing and target.
         pre = preprocess.preprocess_case(case.volume, case.labels, "CT", args.image_size, label_names=case.label_names)
         spec = args.target if args.target != "auto" else case.default_target
-        target = choose_target(pre, spec)
+        target = target_from_spec(pre, spec)
         ev = prompts.evaluation_prompts(target.mask, args.prompt, np.random.default_rng(args.seed), frame="largest",
                                         num_points=tracking.TrackerConfig().max_points)
         frame_prompts, draw = tracker_prompts(ev)

@@ -731,7 +731,7 @@ def as_frames(frames: Any) -> Array:
     return frames
 
 
-def check_prompts(prompts: Prompts, num_frames: int, image_size: int) -> None:
+def check_tracker_prompts(prompts: Prompts, num_frames: int, image_size: int) -> None:
     """Host-side checks that ``prompts`` fit a sequence of ``num_frames`` frames of ``image_size`` (clear
     errors for hand-built :class:`Prompts`; :func:`make_prompts` output passes when built for the same T)."""
     fi = np.asarray(prompts.frame_idx)
@@ -768,7 +768,7 @@ def propagate_jit(
     prompts, prompted frames and prompt types are data)."""
     if direction not in ("forward", "backward", "both"):
         raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
-    check_prompts(prompts, feats["fpn"][-1].shape[0], model.image_size)
+    check_tracker_prompts(prompts, feats["fpn"][-1].shape[0], model.image_size)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)
     return _propagate_jit(graphdef, state, feats, prompts, key, config, direction)
@@ -843,7 +843,7 @@ def track(
         raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
     frames = as_frames(frames)
     model.check_images(frames)
-    check_prompts(prompts, frames.shape[0], model.image_size)
+    check_tracker_prompts(prompts, frames.shape[0], model.image_size)
     feats = encode_frames(model, frames, batch=config.encode_batch, progress=progress,
                           devices=config.encode_devices)
     key = jax.random.key(0) if key is None else key

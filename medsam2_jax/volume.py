@@ -8,7 +8,7 @@ single prompt (clicks, a box or a mask) on one slice of the preprocessed stack::
 
     pre = preprocess_case(volume, None, "CT")
     probs = segment_volume(model, pre, {"slice": 40, "points": [[120, 96]], "labels": [1]})   # (n, S, S)
-    on_file_grid = to_original_grid(probs > 0.5, pre)
+    on_canonical_grid = to_original_grid(probs > 0.5, pre.grid)   # medsam2_jax.data.preprocess
 
 Orientations and how their frames are built (our decisions; the paper gives none)
 --------------------------------------------------------------------------------
@@ -586,17 +586,8 @@ def segment_volume(model: SAM2, pre: Any, prompt: Mapping[str, Any], config: Vol
     return segment_volume_detailed(model, pre, prompt, config, key=key).probs
 
 
-def to_original_grid(pred: np.ndarray, pre: Any, kind: str = "auto") -> np.ndarray:
-    """A ``(n, S, S)`` prediction back on the input volume's canonical grid (see
-    :func:`medsam2_jax.data.preprocess.to_original_grid`: nearest for masks, linear for probabilities)."""
-    grid = getattr(pre, "grid", pre)
-    if not isinstance(grid, prep.GridTransform):
-        raise ValueError(f"pre must be a Preprocessed or a GridTransform, got {type(pre).__name__}")
-    return prep.to_original_grid(pred, grid, kind)
-
-
 __all__ = [
     "ORIENTATIONS", "VolumeConfig", "VolumeResult", "OrientationOutput", "segment_volume",
-    "segment_volume_detailed", "to_orientation", "from_orientation", "aggregate", "to_original_grid",
+    "segment_volume_detailed", "to_orientation", "from_orientation", "aggregate",
     "frame_positions", "run_sequence", "take_frames", "concat_frames", "pad_frames",
 ]

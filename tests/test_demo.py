@@ -93,7 +93,7 @@ def test_tracker_prompts_from_evaluation_prompts():
 def _phantom_case(tmp_path):
     case = demo.load_phantom_case(tmp_path / "data", SLICES, seed=0)
     pre = preprocess.preprocess_case(case.volume, case.labels, "CT", S, label_names=case.label_names)
-    target = demo.choose_target(pre, None)
+    target = demo.target_from_spec(pre, None)
     return case, pre, target
 
 

@@ -16,7 +16,7 @@ import pytest
 from medsam2_jax import tracking, volume
 from medsam2_jax.data.io import Volume
 from medsam2_jax.data.phantoms import make_phantom
-from medsam2_jax.data.preprocess import preprocess_case
+from medsam2_jax.data.preprocess import preprocess_case, to_original_grid
 from medsam2_jax.diagnostics import quick_random_model
 
 S = 256
@@ -163,7 +163,7 @@ def test_segment_volume_shapes_and_coverage(result, phantom):
     ref = volume.aggregate(np.stack([result.orientations[o].probs for o in names]),
                            np.stack([result.orientations[o].visited for o in names]), "mean")
     assert np.array_equal(result.probs, ref)
-    back = volume.to_original_grid(result.probs > 0.5, pre)
+    back = to_original_grid(result.probs > 0.5, pre.grid)
     assert back.shape == shape and back.dtype == bool
     # One bank across orientations: stage 1 (axial pair) and one combined pass whose bank, at the start of
     # a later block, still holds entries from the blocks before it.

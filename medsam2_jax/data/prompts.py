@@ -104,7 +104,10 @@ class PromptConfig:
             raise ValueError("PromptConfig.box_noise and box_noise_bound_frac must be >= 0")
 
 
-class Prompts(NamedTuple):
+class SequencePrompts(NamedTuple):
+    """The prompts of one training or evaluation sequence, as arrays per frame (numpy; the data pipeline's
+    form). The tracker's own form is :class:`medsam2_jax.tracking.Prompts` (``train.batch`` converts)."""
+
     point_coords: np.ndarray  # (T, P, 2) float32
     point_labels: np.ndarray  # (T, P) int32
     mask_inputs: np.ndarray  # (T, S, S) float32
@@ -119,8 +122,8 @@ class Prompts(NamedTuple):
         return d
 
 
-def empty_prompts(num_frames: int, num_points: int, size: int) -> Prompts:
-    return Prompts(
+def empty_prompts(num_frames: int, num_points: int, size: int) -> SequencePrompts:
+    return SequencePrompts(
         point_coords=np.zeros((num_frames, num_points, 2), np.float32),
         point_labels=np.full((num_frames, num_points), LABEL_PAD, np.int32),
         mask_inputs=np.zeros((num_frames, size, size), np.float32),
@@ -256,7 +259,7 @@ def _check_masks3d(masks, name: str = "masks") -> np.ndarray:
     return masks.astype(bool, copy=False)
 
 
-def _prompt_frame(out: Prompts, t: int, kind: int, mask: np.ndarray, rng, click_mode: str, noise, bound) -> None:
+def _prompt_frame(out: SequencePrompts, t: int, kind: int, mask: np.ndarray, rng, click_mode: str, noise, bound) -> None:
     if kind == PROMPT_MASK:
         out.mask_inputs[t] = mask
         out.mask_valid[t] = True
@@ -278,7 +281,7 @@ def training_prompts(
     rng: np.random.Generator,
     cfg: PromptConfig = PromptConfig(),
     pred_masks: Optional[np.ndarray] = None,
-) -> Prompts:
+) -> SequencePrompts:
     """Training prompts for a (T, S, S) ground-truth sequence whose first frame contains the target.
 
     ``pred_masks`` (T, S, S) bool, optional: predictions to draw corrective clicks from (empty if None).
@@ -360,7 +363,7 @@ def evaluation_prompts(
     click_mode: str = "center",
     box_noise: float = 0.0,
     box_noise_bound: float = 0.0,
-) -> Prompts:
+) -> SequencePrompts:
     """Evaluation prompts of one ``kind`` ("click", "box" or "mask") from ground truth (T, S, S).
 
     The chosen ``frame`` is always prompted; every other frame that contains the target is prompted with
