@@ -563,6 +563,9 @@ def propagate_with_carry(
     sched = make_schedule(first, t, direction)
 
     bcfg = cfg.bank
+    if bcfg.num_maskmem != model.num_maskmem:
+        raise ValueError(f"BankConfig.num_maskmem={bcfg.num_maskmem} but the model has num_maskmem={model.num_maskmem} "
+                         "(rows of its temporal encoding); set them equal")
     grid = descriptor_grid(h, cfg.descriptor_grid)
     bank0, ring0 = initial_carry(model, b, grid, cfg)
     s4 = model.image_size // 4
@@ -580,21 +583,18 @@ def propagate_with_carry(
         # Dropout takes a key of its own; without it the step key is the bank's alone (as in inference).
         bank_key, dropout_key = jax.random.split(step_key) if cfg.dropout else (step_key, None)
         keys = jax.random.split(bank_key, b)
+        # What memory attention reads (bank.read): under fifo SAM 2's window, the non-conditioning frames
+        # 1..num_maskmem-1 steps behind; under self_sorting the resampled bank (the paper).
+        r = jax.vmap(lambda bk, q, kk, f, d: bank_lib.read(bk, q, f, kk, bcfg, d))(bank, desc, keys, frame, dirn)
+        view, view_valid, tidx = r.view, r.view.valid, r.tpos_row  # tidx: row of maskmem_tpos_enc
         if bcfg.policy == "fifo":
-            # SAM 2: the non-conditioning frames 1..num_maskmem-1 steps back, the pointers of the frames up to
-            # t_diff_max steps back (both skip prompted frames, which are in the conditioning slots).
-            view = bank
-            dist = (frame[:, None] - bank.frame_idx) * dirn[:, None]
-            view_valid = bank.valid & (dist >= 1) & (dist <= model.num_maskmem - 1)
-            tidx = jnp.clip(dist - 1, 0, model.num_maskmem - 2)
+            # SAM 2: the pointers of the frames up to t_diff_max steps back (prompted frames are in the
+            # conditioning slots, not in the ring).
             ptr_pos = (frame[:, None] - ring["frame"]) * dirn[:, None]
             ptr, ptr_valid = ring["ptr"], ring["valid"] & (ptr_pos >= 1) & (ptr_pos <= t_diff_max)
         else:
-            # The paper: memory attention reads the resampled bank; its entries' pointers come with them.
-            view, view_valid = jax.vmap(lambda bk, q, kk: bank_lib.resample(bk, q, kk, bcfg))(bank, desc, keys)
-            t_rel = jax.vmap(lambda v, f: bank_lib.temporal_index(v, f, bcfg))(view, frame)
-            tidx = t_rel - 1  # row of maskmem_tpos_enc
-            ptr, ptr_pos, ptr_valid = view.payload["obj_ptr"], t_rel, view_valid
+            # The paper: the resampled entries' pointers come with them.
+            ptr, ptr_pos, ptr_valid = view.payload["obj_ptr"], r.t_rel, view_valid
         pix = memory_conditioned_features(
             model, top, top_pos, frame, dirn, cond, prompts.valid, prompts.frame_idx,
             view.payload["maskmem"], tidx, view_valid, ptr, ptr_pos, ptr_valid, t,

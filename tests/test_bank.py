@@ -498,6 +498,19 @@ def test_fifo_read_reproduces_sam2_memory_selection():
             stored.add(t)
 
 
+def test_fifo_read_window_follows_the_direction():
+    """SAM 2's window is the num_maskmem - 1 frames *behind* the current one in the tracking direction: going
+    backward from frame 10 that is frames 11..16, going forward frames 4..9 (the tracker calls read so)."""
+    cfg = B.BankConfig.sam2_fifo()
+    bank = make_bank(cfg, np.ones((6, D)), [True] * 6, [3, 9, 11, 12, 17, 10])
+    rd = jax.jit(functools.partial(B.read, cfg=cfg))
+    for direction, want in ((1, {9: 1}), (-1, {11: 1, 12: 2})):
+        r = jax.device_get(rd(bank, jnp.ones(D), jnp.int32(10), jax.random.key(0), direction=direction))
+        got = {int(f): int(tr) for f, tr, v in zip(r.view.frame_idx, r.t_rel, r.view.valid) if v}
+        assert got == want, direction
+        np.testing.assert_array_equal(np.asarray(r.slots) >= 0, np.asarray(r.view.valid))
+
+
 def _unit_rows(rng, n):
     x = rng.normal(size=(n, 16))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

@@ -485,14 +485,20 @@ def temporal_index(bank_or_view: Bank, current_frame: Array, cfg: BankConfig) ->
     return jnp.where(valid, jnp.clip(t_rel, 1, hi), hi).astype(jnp.int32)
 
 
-def read(bank: Bank, query_descriptor: Array, current_frame: Array, key: Array, cfg: BankConfig) -> Read:
-    """What memory attention reads at ``current_frame``: the (resampled) view, its validity, and the
-    temporal encoding rows. Under ``fifo`` entries more than ``K`` frames away are masked (eq. 1)."""
+def read(bank: Bank, query_descriptor: Array, current_frame: Array, key: Array, cfg: BankConfig,
+         direction: Array | int = 1) -> Read:
+    """What memory attention reads at ``current_frame`` (the tracker calls this at every step): the view
+    (resampled under ``self_sorting`` with resampling on, else the bank), its validity, and the temporal
+    encoding rows.
+
+    Under ``fifo`` the view is SAM 2's window (eq. 1): entries 1 to ``num_maskmem − 1`` frames *behind*
+    ``current_frame`` in the tracking ``direction`` (+1 forward, −1 backward) are valid, and nothing else
+    (an entry of the frame itself or from the other side is not read)."""
     slots = draw_slots(bank, query_descriptor, key, cfg)
     view = gather(bank, slots) if cfg.resampling_on else bank
     if cfg.policy == "fifo":
-        near = jnp.abs(jnp.asarray(current_frame, jnp.int32) - view.frame_idx) <= cfg.K
-        view = view.replace(valid=view.valid & near)
+        behind = (jnp.asarray(current_frame, jnp.int32) - view.frame_idx) * jnp.asarray(direction, jnp.int32)
+        view = view.replace(valid=view.valid & (behind >= 1) & (behind <= cfg.num_maskmem - 1))
         slots = jnp.where(view.valid, slots, -1)
     t_rel = temporal_index(view, current_frame, cfg)
     return Read(view=view, slots=slots, t_rel=t_rel, tpos_row=t_rel - 1)
