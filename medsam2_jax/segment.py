@@ -57,6 +57,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import compile_cache
+
 PROG = "medsam2-segment"
 DEFAULT_RANDOM_SIZE = 256
 #: Coronal / sagittal sections per sequence by default (at most one per voxel of the crop): see the README.
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overlays", type=int, default=5, help="number of overlay PNGs (default 5; 0: none)")
     o.add_argument("--compile-cache", default=None, metavar="DIR",
                    help="persistent XLA compilation cache ('none' to disable; default $MEDSAM2_JAX_CACHE or "
-                   "~/.cache/medsam2_jax/xla)")
+                   "~/.cache/medsam2-jax/xla)")
     o.add_argument("--quiet", action="store_true", help="print only the final summary")
     t = ap.add_argument_group("2D one-prompt mode (INPUT is a folder of PNG/JPEG images)")
     t.add_argument("--template", default=None, metavar="FILE",
@@ -221,18 +223,6 @@ class _Log:
     def say(self, msg: str) -> None:
         if not self.quiet:
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
-
-
-def _setup_compile_cache(choice: str | None) -> None:
-    import jax
-
-    if choice is not None and choice.lower() == "none":
-        return
-    if jax.config.jax_compilation_cache_dir:
-        return
-    d = choice or os.environ.get("MEDSAM2_JAX_CACHE") or os.path.join(Path.home(), ".cache", "medsam2_jax", "xla")
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(d))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -776,7 +766,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
 
     # Model.
     t = time.perf_counter()
-    _setup_compile_cache(a.compile_cache)
+    compile_cache.enable(a.compile_cache)
     if a.random_weights:
         log.say(f"model: RANDOM weights ({a.model_name}, seed {a.seed}) -- the mask will be meaningless")
     else:
