@@ -18,7 +18,7 @@ does)::
 Models: :func:`load_model`, :func:`save_model`, :func:`build_model`, :func:`random_model`,
 :func:`convert_checkpoint`, :func:`export_torch_state_dict` (``medsam2_jax.api``); the module :class:`SAM2`
 and :func:`normalize_images` (``medsam2_jax.model.sam2``); tracking: :func:`track`, :func:`make_prompts`,
-:class:`TrackerConfig`, :class:`Prompts`, :func:`encode_frames`, :func:`propagate`
+:class:`TrackerConfig`, :class:`Prompts`, :func:`encode_frames`, :func:`propagate`, :func:`propagate_many`
 (``medsam2_jax.tracking``) and :class:`BankConfig` (``medsam2_jax.memory.bank``).
 """
 
@@ -47,6 +47,8 @@ _EXPORTS = {
     "make_prompts": "medsam2_jax.tracking",
     "encode_frames": "medsam2_jax.tracking",
     "propagate": "medsam2_jax.tracking",
+    "propagate_many": "medsam2_jax.tracking",
+    "stack_features": "medsam2_jax.tracking",
     "TrackerConfig": "medsam2_jax.tracking",
     "Prompts": "medsam2_jax.tracking",
     "BankConfig": "medsam2_jax.memory.bank",
@@ -60,7 +62,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names reso
                       read_torch_checkpoint, save_model)
     from .memory.bank import BankConfig  # noqa: F401
     from .model.sam2 import SAM2, normalize_images  # noqa: F401
-    from .tracking import Prompts, TrackerConfig, encode_frames, make_prompts, propagate, track  # noqa: F401
+    from .tracking import Prompts, TrackerConfig, encode_frames, make_prompts, propagate, propagate_many, stack_features, track  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -774,6 +774,61 @@ def propagate_jit(
     return _propagate_jit(graphdef, state, feats, prompts, key, config, direction)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "direction"))
+def _propagate_many_jit(graphdef, state, feats, prompts, keys, cfg, direction):
+    model = nnx.merge(graphdef, state)
+    return jax.vmap(lambda f, p, k: propagate(model, f, p, k, cfg, direction))(feats, prompts, keys)
+
+
+def propagate_many(
+    model: SAM2,
+    feats: dict[str, Any],
+    prompts: Prompts,
+    *,
+    config: TrackerConfig = TrackerConfig(),
+    direction: Direction = "forward",
+    key: Array | None = None,
+    devices: int | None = None,
+) -> dict[str, Array]:
+    """:func:`propagate` over V sequences (volumes, or one volume's orientations) of the same length at once:
+    one ``vmap``ped, jitted scan, to fill an accelerator that one sequence leaves idle.
+
+    ``feats``: :func:`encode_frames` outputs stacked on a new leading axis (each leaf ``(V, T, ...)``; see
+    :func:`stack_features`); ``prompts``: a :class:`Prompts` whose arrays have a leading V axis (each
+    sequence's own B objects, the same B and slot count for all). Sequence ``v`` uses the key
+    ``fold_in(key, v)``. With ``devices`` (0 = all local devices) the V axis is split over that many devices
+    (V must divide by it), each tracking its own sequences; the result does not depend on it. Returns
+    :func:`propagate`'s outputs with a leading V axis.
+    """
+    if direction not in ("forward", "backward", "both"):
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    v = feats["fpn"][-1].shape[0]
+    if prompts.frame_idx.shape[0] != v:
+        raise ValueError(f"propagate_many: feats hold {v} sequences but prompts {prompts.frame_idx.shape[0]}")
+    for i in range(v):
+        check_tracker_prompts(jax.tree.map(lambda a: a[i], prompts), feats["fpn"][-1].shape[1], model.image_size)
+    key = jax.random.key(0) if key is None else key
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(v))
+    graphdef, state = nnx.split(model)
+    if devices is not None:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        devs = encode_devices(devices)
+        if v % len(devs):
+            raise ValueError(f"propagate_many: {v} sequences do not split over {len(devs)} devices; pad V to a "
+                             f"multiple of {len(devs)} or pass devices=None")
+        mesh = Mesh(np.array(devs), ("volumes",))
+        split = NamedSharding(mesh, P("volumes"))
+        feats, prompts, keys = jax.device_put((feats, prompts, keys), split)
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+    return _propagate_many_jit(graphdef, state, feats, prompts, keys, config, direction)
+
+
+def stack_features(feats: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`encode_frames` outputs of V sequences of the same length, stacked for :func:`propagate_many`."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *feats)
+
+
 # Submodules whose parameters ``cast_model``'s default casts: the image encoder alone, where most FLOPs are
 # (the rest then computes in float32 on the encoder's bfloat16 features). ``WHOLE_MODEL`` (``None``) casts every
 # submodule: see :func:`cast_model` for what then stays float32.
