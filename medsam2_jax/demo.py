@@ -58,6 +58,18 @@ import numpy as np
 
 DATA_KINDS = ("phantom", "realct")
 PROMPT_KINDS = ("box", "click", "mask")
+class UsageError(SystemExit):
+    """A bad argument: ``main`` prints the message and the process exits with status 2, as argparse does for
+    usage errors (every medsam2-jax command follows that convention)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 NEXT_STEPS = """
 Next:
   convert real weights  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t \\
@@ -130,24 +142,24 @@ def _resolve_image_size(args: argparse.Namespace) -> None:
     try:
         args.image_size = int(json.loads(meta_path.read_text())["image_size"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: --model {args.model}: cannot read image_size from {meta_path} "
+        raise UsageError(f"error: --model {args.model}: cannot read image_size from {meta_path} "
                          f"({type(e).__name__}: {e}); pass --image-size") from None
     print(f"image size {args.image_size} px, from {meta_path} (pass --image-size to change it)", flush=True)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.model is not None and not (Path(args.model) / "medsam2.json").is_file():
-        raise SystemExit(
+        raise UsageError(
             f"error: --model {args.model}: not a converted model directory (no medsam2.json); convert a PyTorch "
             "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`"
         )
     _resolve_image_size(args)
     if args.image_size < 32 or args.image_size % 32:
-        raise SystemExit(f"error: --image-size must be a positive multiple of 32, got {args.image_size}")
+        raise UsageError(f"error: --image-size must be a positive multiple of 32, got {args.image_size}")
     if args.slices < 8:
-        raise SystemExit(f"error: --slices must be >= 8 (the phantom needs 8 slices), got {args.slices}")
+        raise UsageError(f"error: --slices must be >= 8 (the phantom needs 8 slices), got {args.slices}")
     if args.overlays < 0:
-        raise SystemExit(f"error: --overlays must be >= 0, got {args.overlays}")
+        raise UsageError(f"error: --overlays must be >= 0, got {args.overlays}")
 
 
 class _Log:
@@ -241,12 +253,12 @@ def _resolve_class(spec: str, names: dict[int, str]) -> int:
     if s.lstrip("-").isdigit():
         cid = int(s)
         if cid not in names:
-            raise SystemExit(f"error: --target {spec}: label {cid} does not occur; labels present: "
+            raise UsageError(f"error: --target {spec}: label {cid} does not occur; labels present: "
                              f"{_list_names(names)}")
         return cid
     hits = [k for k, v in names.items() if v.lower() == s.lower()]
     if not hits:
-        raise SystemExit(
+        raise UsageError(
             f"error: --target {spec!r} is not a label of this volume; labels present: {_list_names(names)}"
         )
     return hits[0]
@@ -261,14 +273,14 @@ def target_from_spec(pre: Any, spec: str | None):
     """The target to track: ``spec`` ``None``/``"auto"`` -> the largest kept component of any class; a name or
     id -> the largest kept component of that class."""
     if not pre.targets:
-        raise SystemExit("error: no target survives preprocessing (every labelled structure is too small)")
+        raise UsageError("error: no target survives preprocessing (every labelled structure is too small)")
     if spec is None or spec == "auto":
         return max(pre.targets, key=lambda t: t.area)
     present = {t.class_id: t.name for t in pre.targets}
     cid = _resolve_class(spec, {**pre.label_names, **present} if pre.label_names else present)
     cands = [t for t in pre.targets if t.class_id == cid]
     if not cands:
-        raise SystemExit(f"error: --target {spec}: label {cid} is too small after preprocessing to be a target; "
+        raise UsageError(f"error: --target {spec}: label {cid} is too small after preprocessing to be a target; "
                          f"targets: {sorted(present.items())}")
     return max(cands, key=lambda t: t.area)
 
@@ -606,7 +618,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else [str(a) for a in argv]
-    run(args)
+    try:
+        run(args)
+    except UsageError as e:
+        print(e.message, file=sys.stderr)
+        raise
     return 0
 
 

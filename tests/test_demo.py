@@ -127,8 +127,9 @@ def test_evaluate_and_write_round_trip_is_exact(tmp_path):
 
 
 def test_bad_arguments_are_clear(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--image-size must be a positive multiple of 32, got 100"):
+    with pytest.raises(SystemExit, match="--image-size must be a positive multiple of 32, got 100") as e:
         demo.main(["--out", str(tmp_path), "--image-size", "100"])
+    assert e.value.code == 2 and "--image-size must be" in capsys.readouterr().err  # argparse's usage status
     with pytest.raises(SystemExit, match="--slices must be >= 8"):
         demo.main(["--out", str(tmp_path), "--slices", "3"])
     with pytest.raises(SystemExit, match="not a converted model directory"):
