@@ -52,6 +52,7 @@ from .model.sam2 import NO_OBJ_SCORE, SAM2, resize_bilinear
 
 Array = jax.Array
 Direction = Literal["forward", "backward", "both"]
+DIRECTIONS = ("forward", "backward", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,6 +474,11 @@ def memory_conditioned_features(
 
 
 # ---------------------------------------------------------------------------------------------- schedule
+def check_direction(direction: Any) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+
+
 def make_schedule(first_frame: Array, num_frames: int, direction: Direction) -> dict[str, Array]:
     """Per-object processing order as data: frame index, direction sign, bank reset and activity per step."""
     t = num_frames
@@ -766,8 +772,7 @@ def propagate_jit(
 ) -> dict[str, Array]:
     """:func:`propagate`, jitted (one compile per model structure, config, direction and shapes; weights,
     prompts, prompted frames and prompt types are data)."""
-    if direction not in ("forward", "backward", "both"):
-        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    check_direction(direction)
     check_tracker_prompts(prompts, feats["fpn"][-1].shape[0], model.image_size)
     key = jax.random.key(0) if key is None else key
     graphdef, state = nnx.split(model)
@@ -800,8 +805,7 @@ def propagate_many(
     (V must divide by it), each tracking its own sequences; the result does not depend on it. Returns
     :func:`propagate`'s outputs with a leading V axis.
     """
-    if direction not in ("forward", "backward", "both"):
-        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    check_direction(direction)
     v = feats["fpn"][-1].shape[0]
     if prompts.frame_idx.shape[0] != v:
         raise ValueError(f"propagate_many: feats hold {v} sequences but prompts {prompts.frame_idx.shape[0]}")
@@ -894,8 +898,7 @@ def track(
     Returns (B objects, T frames, ...) arrays: ``mask_logits`` at ``output_size`` (default S x S, bilinear
     like SAM 2), ``low_res_masks`` (S/4), ``iou``, ``object_score_logits``, ``visited``.
     """
-    if direction not in ("forward", "backward", "both"):
-        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    check_direction(direction)
     frames = as_frames(frames)
     model.check_images(frames)
     check_tracker_prompts(prompts, frames.shape[0], model.image_size)
