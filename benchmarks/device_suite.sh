@@ -7,6 +7,12 @@
 # removed and the machine's flax is used (the JSON records the versions).
 #
 #   bash benchmarks/device_suite.sh [extra device_suite.py arguments]     # writes $OUT/device_suite.json, $OUT/log.txt
+#
+# Building .whl/ (git-ignored) on a machine with the project's venv and a package index:
+#   W="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64"
+#   python3 -m pip download $W -d .whl flax==0.12.8 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10
+#   .venv/bin/pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3        # sdist only: a pure-Python wheel
+#   SAM2_BUILD_CUDA=0 .venv/bin/pip wheel --no-build-isolation --no-deps -w .whl sam2==1.1.0
 set -u
 OUT=${OUT:-/tmp/device_suite_out}
 mkdir -p "$OUT"
