@@ -10,8 +10,8 @@
 #
 # Building .whl/ (git-ignored) on a machine with the project's venv and a package index:
 #   W="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64"
-#   python3 -m pip download $W -d .whl flax==0.12.8 hydra-core==1.3.8 omegaconf==2.3.1 iopath==0.1.10
-#   .venv/bin/pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3        # sdist only: a pure-Python wheel
+#   python3 -m pip download $W -d .whl flax==0.12.8 hydra-core==1.3.8 omegaconf==2.3.1
+#   .venv/bin/pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3 iopath==0.1.10   # sdists: pure-Python wheels
 #   SAM2_BUILD_CUDA=0 .venv/bin/pip wheel --no-build-isolation --no-deps -w .whl sam2==1.1.0
 set -u
 OUT=${OUT:-/tmp/device_suite_out}
