@@ -636,3 +636,30 @@ def test_benchmark_runs_with_a_model_step():
     assert len(calls) == 3 + 3  # model: compile + 2 timed; overlap: start-up + 2
     text = bench.table(res)
     assert "pipeline / model" in text and "waiting for data" in text
+
+
+def test_held_out_training_sources_keep_labels_out_of_the_image(tmp_path):
+    """train.py's held-out evaluation reads its cases without letting the labels touch the image (crop, CT
+    statistics): each held-out image equals the case preprocessed with no labels at all, while the training
+    source of the same files uses the paper's label-aware preprocessing."""
+    import ml_collections
+
+    from medsam2_jax.data import io, preprocess
+    from medsam2_jax.train.loop import make_source
+
+    c = ml_collections.ConfigDict({
+        "image_size": 64,
+        "data": {"dataset_dirs": (), "phantoms": 1, "phantom_shape": (40, 40, 10), "cache_size": 1, "realct": False},
+        "eval": {"dataset_dirs": (), "phantoms": 1},
+    })
+    held_out = make_source(c, tmp_path, held_out=True)
+    root = tmp_path / "data" / "heldout_ct_1_40x40x10"
+    case = io.read_dataset(root)[0]
+    volume, labels = io.load_case(case)
+    assert held_out.infos[0].modality == "CT"
+    blind = preprocess.preprocess_case(volume, None, "CT", 64)
+    aware = preprocess.preprocess_case(volume, labels, "CT", 64, label_names=case.label_names)
+    got = held_out[0].image
+    np.testing.assert_array_equal(got, blind.image)
+    assert not np.array_equal(got, aware.image)  # the leak this avoids: the case's own foreground statistics
+    assert len(held_out[0].targets) > 0  # the labels are still there, for the prompts and the score

@@ -218,6 +218,33 @@ def test_crop_box_in_stack_coordinates_includes_labels():
     assert bounding_box(np.pad(np.ones((2, 3), bool), ((1, 4), (5, 0)))) == ((1, 3), (5, 8))
 
 
+def test_labels_can_be_kept_out_of_the_image():
+    """``labels_touch_image=False`` (held-out evaluation): the image and its grid are exactly those of the
+    unlabelled case, while the default lets the labels widen the crop and set the CT statistics."""
+    shape = (10, 12, 6)
+    rng = np.random.default_rng(0)
+    data = np.zeros(shape, np.float32)
+    data[2:7, 3:9, 1:5] = rng.uniform(-200, 300, (5, 6, 4))
+    labels = np.zeros(shape, np.int32)
+    labels[3:5, 4:6, 2:4] = 1
+    labels[8, 5, 2] = 2  # outside the non-zero region
+    vol = Volume.from_array(data, np.diag([1.0, 1.0, 3.0, 1.0]))
+    unlabelled = preprocess_case(vol, None, "CT", size=16)
+    blind = preprocess_case(vol, labels, "CT", size=16, min_target_fraction=0, labels_touch_image=False)
+    aware = preprocess_case(vol, labels, "CT", size=16, min_target_fraction=0)
+    np.testing.assert_array_equal(blind.image, unlabelled.image)
+    assert blind.grid.crop == unlabelled.grid.crop == ((1, 5), (3, 9), (3, 8))
+    assert blind.norm == unlabelled.norm
+    # the default is the paper's training preprocessing: the labels move the crop and the statistics
+    assert aware.grid.crop == ((1, 5), (3, 9), (1, 8)) and aware.norm != unlabelled.norm
+    # the labels follow the image's crop: label 1 intact, label 2 (outside the image) cut away
+    back = to_original_grid(blind.labels, blind.grid)
+    np.testing.assert_array_equal(back == 1, labels == 1)
+    assert not (back == 2).any()
+    g2 = preprocess_image_2d(data[..., 2], labels[..., 2], "CT", 16, labels_touch_image=False)
+    np.testing.assert_array_equal(g2.image, preprocess_image_2d(data[..., 2], None, "CT", 16).image)
+
+
 def test_axial_view_is_radiological():
     """Anterior at the top and the patient's right on the image's left, for canonical RAS data."""
     data = np.ones((4, 5, 3), np.float32)

@@ -551,11 +551,11 @@ def _normalize(image: np.ndarray, modality: str, use_mask: bool, nonzero: np.nda
 
 
 def _preprocess_stack(stack, lab_stack, gridkw, modality, size, *, window, ct_stats, label_names,
-                      min_target_fraction, connectivity, color, source, extra_grid):
+                      min_target_fraction, connectivity, color, source, extra_grid, labels_touch_image=True):
     if not (isinstance(size, (int, np.integer)) and size > 0):
         raise ValueError(f"size must be a positive int, got {size!r}")
     nz = nonzero_mask(stack, channel_axis=color)
-    if lab_stack is not None:
+    if lab_stack is not None and labels_touch_image:
         keep = nz | (lab_stack > 0)
     else:
         keep = nz
@@ -566,7 +566,8 @@ def _preprocess_stack(stack, lab_stack, gridkw, modality, size, *, window, ct_st
     img_c = stack[sl]
     lab_c = None if lab_stack is None else lab_stack[sl]
     use_mask = crop_removes_enough(stack.shape[:3], crop)
-    norm_img, info = _normalize(img_c, modality, use_mask, nz[sl], lab_c, window, ct_stats, source)
+    norm_img, info = _normalize(img_c, modality, use_mask, nz[sl], lab_c if labels_touch_image else None, window,
+                                ct_stats, source)
     resized = resize_stack(norm_img, (size, size), "bicubic").astype(np.float32)
     if not color:
         resized = np.repeat(resized[..., None], 3, axis=-1)
@@ -590,12 +591,16 @@ def preprocess_case(
     slice_axis: int | None = None,
     min_target_fraction: float = MIN_TARGET_FRACTION,
     connectivity: int | None = None,
+    labels_touch_image: bool = True,
 ) -> Preprocessed:
     """Preprocess a 3D volume (and its canonical label map) as in appendix C.1 (see the module docstring).
 
     ``window`` (CT only) is a name from :data:`WINDOWS` or ``(level, width)`` in HU; with ``ct_stats`` it
     must be the window the statistics were computed with (or pass ``window="stats"`` to take theirs).
     ``slice_axis`` overrides the automatic choice.
+    ``labels_touch_image=False`` keeps the labels out of the image: the crop is the image's non-zero box
+    alone and CT is normalised with ``ct_stats`` or the window's default statistics, never the case's own
+    labelled foreground; the labels follow the image's crop (evaluation: no ground truth in the model input).
     """
     source = volume.path
     mod = canonical_modality(modality, source)
@@ -615,7 +620,8 @@ def preprocess_case(
                  original_shape=tuple(volume.original_shape), orientation=tuple(volume.orientation))
     return _preprocess_stack(stack, lab_stack, gridkw, mod, size, window=window, ct_stats=ct_stats,
                              label_names=label_names, min_target_fraction=min_target_fraction,
-                             connectivity=connectivity, color=False, source=source, extra_grid=extra)
+                             connectivity=connectivity, color=False, source=source, extra_grid=extra,
+                             labels_touch_image=labels_touch_image)
 
 
 def preprocess_image_2d(
@@ -630,10 +636,12 @@ def preprocess_image_2d(
     min_target_fraction: float = MIN_TARGET_FRACTION,
     connectivity: int | None = None,
     source: Any = None,
+    labels_touch_image: bool = True,
 ) -> Preprocessed:
     """Preprocess a 2D image ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` and its ``(H, W)`` mask: the same
-    rules as :func:`preprocess_case`, with ``n_slices = 1``. Colour images keep their three channels and
-    are normalised jointly; grey images (or three equal channels) are treated as grey."""
+    rules as :func:`preprocess_case` (``labels_touch_image`` included), with ``n_slices = 1``. Colour images
+    keep their three channels and are normalised jointly; grey images (or three equal channels) are treated
+    as grey."""
     mod = canonical_modality(modality, source)
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[-1] == 1:
@@ -656,7 +664,8 @@ def preprocess_image_2d(
     return _preprocess_stack(img[None].astype(np.float32), None if mask is None else mask[None], gridkw, mod, size,
                              window=window, ct_stats=ct_stats, label_names=label_names,
                              min_target_fraction=min_target_fraction, connectivity=connectivity, color=color,
-                             source=None if source is None else str(source), extra_grid={})
+                             source=None if source is None else str(source), extra_grid={},
+                             labels_touch_image=labels_touch_image)
 
 
 def to_original_grid(pred: np.ndarray, grid: GridTransform, kind: str = "auto") -> np.ndarray:

@@ -2,7 +2,10 @@
 
 Sequences are drawn from held-out cases by the same pipeline as training, without augmentation, with a box
 from the ground truth on the first frame and no corrective clicks (so no ground truth is used on any other
-frame). The model tracks each sequence forward (no dropout); a frame's prediction is its mask logits
+frame). The held-out sources preprocess each image without its labels (``labels_touch_image=False``: the
+crop and the CT normalisation come from the image alone), so no ground truth reaches the model input; the
+sequences are still placed by the training sampler, where the structure is, which makes this a training
+signal rather than the protocol of ``eval.py``. The model tracks each sequence forward (no dropout); a frame's prediction is its mask logits
 upsampled to the image size and thresholded at 0. Reported:
 
 * ``dice``: mean over sequences of the Dice over the frames after the prompted one (the volume of those
@@ -79,4 +82,5 @@ def evaluate(predict, params, source, pcfg, num_batches: int, to_device=None) ->
     return {"sequences": len(model_d), "dice": float(np.mean(model_d)), "copy_mask_dice": float(np.mean(copy_d)),
             "dice_all_frames": float(np.mean(all_d)),
             "protocol": "held-out sequences, box from the ground truth on frame 0 only, no corrections, forward; "
-                        "Dice pooled over the frames after the prompted one"}
+                        "images preprocessed without their labels; sequences placed where the structure is "
+                        "(the training sampler); Dice pooled over the frames after the prompted one"}

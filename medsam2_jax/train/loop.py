@@ -97,11 +97,14 @@ def make_source(c, workdir: Path, *, held_out: bool = False):
     from ..data import pipeline as pl
 
     group, field = (c.eval, "eval") if held_out else (c.data, "data")
+    # Held-out cases: the labels shape neither the image's crop nor its CT normalisation (no ground truth in
+    # the model input); training keeps the paper's label-aware preprocessing.
+    blind = {"labels_touch_image": False} if held_out else {}
     sources = []
     for d in group.dataset_dirs:
         if not Path(d).is_dir():
             raise ConfigError(f"{field}.dataset_dirs", f"{d} is not a folder")
-        sources.append(pl.dataset_source(d, int(c.image_size), cache_size=int(c.data.cache_size)))
+        sources.append(pl.dataset_source(d, int(c.image_size), cache_size=int(c.data.cache_size), **blind))
     if group.phantoms > 0:
         shape = tuple(int(x) for x in c.data.phantom_shape)
         roots = []
@@ -113,7 +116,8 @@ def make_source(c, workdir: Path, *, held_out: bool = False):
                 phantoms.write_phantom_dataset(root, int(group.phantoms), kind, seed=seed, shape=shape)
             roots.append(root)
         _sync("phantoms")
-        sources += [pl.dataset_source(r, int(c.image_size), cache_size=int(c.data.cache_size)) for r in roots]
+        sources += [pl.dataset_source(r, int(c.image_size), cache_size=int(c.data.cache_size), **blind)
+                    for r in roots]
     if held_out:
         if not sources:
             return None
