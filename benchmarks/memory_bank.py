@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from medsam2_jax import tracking, volume  # noqa: E402
+from medsam2_jax import tracking  # noqa: E402
 from medsam2_jax.diagnostics import quick_random_model  # noqa: E402
 from medsam2_jax.memory import bank as bank_lib  # noqa: E402
 from medsam2_jax.memory.bank import BankConfig  # noqa: E402
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
             cfg = TrackerConfig(bank=bank)
             prompts = tracking.make_prompts([[{"frame": 0, "points": [[s * 0.35, s * 0.45]], "labels": [1]}]],
                                             num_frames=t, image_size=s, config=cfg)
-            prop = lambda: volume.run_sequence(model, feats, prompts, jax.random.key(0), cfg)["low_res_masks"]
+            prop = lambda: tracking.run_sequence(model, feats, prompts, jax.random.key(0), cfg)["low_res_masks"]
             step_med, step_min = timed(prop, args.repeats)
             bank_med, bank_min = timed(bank_only(cfg, top, model.mem_dim, model.hidden_dim), args.repeats)
             rows.append({

@@ -48,8 +48,8 @@ from flax import nnx
 
 from .memory.bank import BankConfig, make_descriptor
 from .model.sam2 import SAM2
-from .tracking import TrackerConfig, descriptor_grid, encode_frames, make_prompts
-from .volume import bucketed, pad_frames, run_sequence, take_frames
+from .tracking import (TrackerConfig, bucketed, descriptor_grid, encode_frames, make_prompts, pad_frames,
+                       run_sequence, take_frames)
 
 FEATURES = ("memory", "descriptor", "image")
 

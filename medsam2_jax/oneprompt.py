@@ -43,8 +43,8 @@ import numpy as np
 
 from .memory.bank import make_descriptor
 from .model.sam2 import SAM2, resize_bilinear
-from .tracking import TrackerConfig, descriptor_grid, encode_frames, make_prompts
-from .volume import bucketed, pad_frames, run_sequence, take_frames
+from .tracking import (TrackerConfig, bucketed, descriptor_grid, encode_frames, make_prompts, pad_frames,
+                       run_sequence, take_frames)
 
 ORDERS = ("similarity", "given")
 

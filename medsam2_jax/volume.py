@@ -93,17 +93,16 @@ stage 1, ``per_orientation``, or a one-orientation config — and 6 for the comb
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .data import preprocess as prep
 from .model.sam2 import SAM2, resize_bilinear
-from .tracking import Prompts, TrackerConfig, encode_frames, make_prompts, propagate
+from .tracking import (TrackerConfig, bucketed, concat_frames, encode_frames, make_prompts, pad_frames,
+                       run_sequence, take_frames)
 
 #: The six orientations, in the paper's order (§3.3, 1-6).
 ORIENTATIONS = ("axial", "coronal", "sagittal", "axial_rev", "coronal_rev", "sagittal_rev")
@@ -301,44 +300,6 @@ def aggregate(probs: np.ndarray | Sequence[np.ndarray], visited: np.ndarray | Se
 
 
 # ---------------------------------------------------------------------------------------------- running
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "direction"))
-def _propagate_jit(graphdef, state, feats, prompts, key, cfg, direction):
-    return propagate(nnx.merge(graphdef, state), feats, prompts, key, cfg, direction)
-
-
-def run_sequence(model: SAM2, feats: dict[str, Any], prompts: Prompts, key: jax.Array, cfg: TrackerConfig,
-                 direction: str = "forward") -> dict[str, Any]:
-    """:func:`medsam2_jax.tracking.propagate`, jitted once per (model structure, config, shapes), on
-    already encoded frames. The same computation as :func:`medsam2_jax.tracking.track` without the
-    encoding; shared by the 3D, one-prompt and diagnostic tools."""
-    graphdef, state = nnx.split(model)
-    return _propagate_jit(graphdef, state, feats, prompts, key, cfg, direction)
-
-
-def take_frames(feats: dict[str, Any], idx: Sequence[int] | np.ndarray) -> dict[str, Any]:
-    """The encoded frames ``idx`` (in that order) of :func:`~medsam2_jax.tracking.encode_frames` output."""
-    idx = jnp.asarray(np.asarray(idx, np.int32))
-    return {"fpn": [jnp.take(level, idx, axis=0) for level in feats["fpn"]], "pos": feats["pos"]}
-
-
-def concat_frames(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    return {"fpn": [jnp.concatenate([p["fpn"][i] for p in parts]) for i in range(3)], "pos": parts[0]["pos"]}
-
-
-def pad_frames(feats: dict[str, Any], length: int) -> dict[str, Any]:
-    """Append zero-feature frames up to ``length`` (processed after the real ones, so they change nothing
-    before them)."""
-    t = feats["fpn"][0].shape[0]
-    if length == t:
-        return feats
-    return {"fpn": [jnp.concatenate([a, jnp.zeros((length - t,) + a.shape[1:], a.dtype)]) for a in feats["fpn"]],
-            "pos": feats["pos"]}
-
-
-def bucketed(length: int, bucket: int | None) -> int:
-    return length if bucket is None else -(-length // bucket) * bucket
-
-
 def _probs(model: SAM2, low_res: jax.Array) -> np.ndarray:
     s = model.image_size
     return np.asarray(jax.nn.sigmoid(resize_bilinear(low_res, (s, s), antialias=False)))
@@ -589,5 +550,5 @@ def segment_volume(model: SAM2, pre: Any, prompt: Mapping[str, Any], config: Vol
 __all__ = [
     "ORIENTATIONS", "VolumeConfig", "VolumeResult", "OrientationOutput", "segment_volume",
     "segment_volume_detailed", "to_orientation", "from_orientation", "aggregate",
-    "frame_positions", "run_sequence", "take_frames", "concat_frames", "pad_frames",
+    "frame_positions",
 ]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medsam2_jax import diagnostics, tracking, volume
+from medsam2_jax import diagnostics, tracking
 from medsam2_jax.memory import bank as bank_lib
 from medsam2_jax.memory.bank import BankConfig
 from medsam2_jax.tracking import TrackerConfig
@@ -90,7 +90,7 @@ CLICK4 = {"frame": 4, "points": [[124, 132]], "labels": [1]}
 def run(model, frames, objects, cfg, key=0):
     feats = tracking.encode_frames(model, jnp.asarray(frames), batch=cfg.encode_batch)
     prompts = tracking.make_prompts(objects, num_frames=len(frames), image_size=S, config=cfg)
-    out = volume.run_sequence(model, feats, prompts, jax.random.key(key), cfg)
+    out = tracking.run_sequence(model, feats, prompts, jax.random.key(key), cfg)
     return jax.tree.map(np.asarray, out)
 
 
@@ -171,10 +171,10 @@ def test_self_sorting_trace_follows_the_rules(base):
 
 @pytest.mark.slow
 def test_scan_does_not_recompile_as_the_bank_fills(model, base):
-    before = volume._propagate_jit._cache_size()
+    before = tracking._propagate_jit._cache_size()
     # Other frames, prompts on other frames and another key: the bank fills at other steps, same program.
     other = run(model, moving_blob(seed=1)[::-1].copy(), [[dict(CLICK0, frame=2), dict(CLICK4, frame=6)]], BASE, 5)
-    assert volume._propagate_jit._cache_size() == before
+    assert tracking._propagate_jit._cache_size() == before
     for out in (base, other):
         n = out["trace"]["bank_valid"][:, 0].sum(-1)
         assert n[0] == 0 and n.max() > 0 and np.all(np.diff(n) >= 0)  # it fills inside the one scan
