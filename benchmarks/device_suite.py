@@ -456,14 +456,15 @@ class Suite:
         if not a.no_torch:
             try:
                 torch, dev, *_ = torch_env()
-                from medsam2_jax import parity
+                from medsam2_jax.interop import torch_checkpoint, torch_models
 
                 torch.manual_seed(a.seed)
-                pred = parity.build_torch_model(a.model, a.image_size, video=True)
+                pred = torch_models.build_torch_model(a.model, a.image_size, video=True)
                 with torch.no_grad():
                     pred.sam_mask_decoder.pred_obj_score_head.layers[2].bias += OBJECT_BIAS
                 sd = {k: v.detach().float().numpy() for k, v in pred.state_dict().items()}
-                self.model = api.convert_state_dict(sd, a.model, a.image_size, source="PyTorch random init")
+                self.model = torch_checkpoint.convert_state_dict(sd, a.model, a.image_size,
+                                                                 source="PyTorch random init")
                 self.torch_pred = pred.to(dev).eval()
                 self.weights_source = "PyTorch random init (sam2 package), object-score bias +2, converted"
             except Exception as e:  # noqa: BLE001
@@ -625,7 +626,7 @@ class Suite:
         """(T, S, S, 3) normalised frames (a drifting blob on a gradient, with noise) and a click on the blob."""
         import numpy as np
 
-        from medsam2_jax import parity
+        from medsam2_jax.interop import parity
         from medsam2_jax.model.sam2 import normalize_images
 
         s, t = self.args.image_size, self.args.frames
@@ -682,7 +683,7 @@ class Suite:
     def agreement(self, sec: dict) -> None:
         import numpy as np
 
-        from medsam2_jax import parity
+        from medsam2_jax.interop import parity
 
         self.ensure_runners(sec)
         (_, (f32_feats, f32_out)), (_, (b16_feats, b16_out)) = self.first_runs["float32"], self.first_runs["bfloat16"]
@@ -722,7 +723,7 @@ class Suite:
     def propagation(self, sec: dict) -> None:
         import numpy as np
 
-        from medsam2_jax import parity
+        from medsam2_jax.interop import parity
 
         a = self.args
         self.ensure_runners(sec)
@@ -1027,7 +1028,7 @@ def torch_compile_worker(spec_file: str) -> int:
     import numpy as np
 
     torch, dev, sync, reset_peak, peak = torch_env()
-    from medsam2_jax import parity
+    from medsam2_jax.interop import torch_models
 
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = spec["tf32"]
@@ -1040,7 +1041,7 @@ def torch_compile_worker(spec_file: str) -> int:
 
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
-    model = parity.build_torch_model(spec["model"], spec["image_size"]).to(dev).eval()
+    model = torch_models.build_torch_model(spec["model"], spec["image_size"]).to(dev).eval()
     res["build_s"] = time.perf_counter() - t0
     write()
     s = spec["image_size"]

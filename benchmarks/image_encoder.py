@@ -71,7 +71,7 @@ def build_pair(name: str, seed: int):
     from sam2.build_sam import build_sam2
 
     from medsam2_jax.model.fpn import build_image_encoder
-    from medsam2_jax.weights import load_state_dict
+    from medsam2_jax.interop.weights import load_state_dict
 
     torch.manual_seed(seed)
     model = build_sam2(_config_path(name), None, device="cpu", mode="eval", apply_postprocessing=False,

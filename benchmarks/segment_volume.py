@@ -155,7 +155,7 @@ def run_torch(predictor, pre, prompt) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
-    from medsam2_jax import parity
+    from medsam2_jax.interop import parity
 
     frames = np.asarray(pre.image, np.float32)
     pr = [{"frame": int(prompt.slice), "box": np.asarray(prompt.box, np.float32)}]
@@ -176,7 +176,7 @@ def compare(res, ref) -> dict:
     """JAX axial pair vs PyTorch, per direction, on the frames both visited."""
     import numpy as np
 
-    from medsam2_jax import parity
+    from medsam2_jax.interop import parity
 
     out = {}
     for o, d in (("axial", "forward"), ("axial_rev", "backward")):

@@ -134,15 +134,15 @@ def build_models(name: str, size: int, seed: int, need_torch: bool):
         return None, api.random_model(name, size, seed)
     import torch
 
-    from medsam2_jax import parity
+    from medsam2_jax.interop import torch_checkpoint, torch_models
 
     torch.manual_seed(seed)
-    predictor = parity.build_torch_model(name, size, video=True)
+    predictor = torch_models.build_torch_model(name, size, video=True)
     with torch.no_grad():
         # Random weights leave the object "absent" (masks -1024); +2 makes it present, as in the tests.
         predictor.sam_mask_decoder.pred_obj_score_head.layers[2].bias += 2.0
     sd = {k: v.detach().float().numpy() for k, v in predictor.state_dict().items()}
-    return predictor, api.convert_state_dict(sd, name, size, source="PyTorch random init")
+    return predictor, torch_checkpoint.convert_state_dict(sd, name, size, source="PyTorch random init")
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -188,7 +188,7 @@ def make_jax_runner(model, frames_np, prompts, args):
 def make_torch_runner(predictor, frames_np, prompts):
     import torch
 
-    from medsam2_jax import parity
+    from medsam2_jax.interop import parity
 
     def run():
         c0 = time.process_time()
@@ -222,7 +222,8 @@ def encoder_flops(model, frames, cfg) -> float:
 def bench_size(size: int, args) -> dict:
     import numpy as np
 
-    from medsam2_jax import parity, tracking
+    from medsam2_jax import tracking
+    from medsam2_jax.interop import parity
 
     frames_np, prompts = volume_frames(size, args.frames, args.seed)
     predictor, model = build_models(args.model, size, args.seed, not args.no_torch)

@@ -6,12 +6,12 @@ converted with the project's key map): encode the B*T frames, track each sequenc
 with SAM 2's FIFO memory (the prompted frame, the 6 most recent frames, the object pointers), SAM 2's loss
 (focal x20 + Dice + IoU L1 + object-score BCE, best of the candidate masks), gradients through everything,
 global-norm clipping at 0.1 and one AdamW update (lr 1e-4, weight decay 0.01). No dropout on either side
-(the PyTorch forward is :mod:`medsam2_jax.train.torch_reference` with :func:`training_mode`).
+(the PyTorch forward is :mod:`medsam2_jax.interop.torch_reference` with :func:`training_mode`).
 
 * JAX: :func:`medsam2_jax.train.step.make_train_step` with :func:`medsam2_jax.train.optim.make_optimizer`,
   one ``jax.jit`` with the state donated, compiled ahead of time (trace + compile, or a load from the
   persistent compilation cache) and reported apart.
-* PyTorch: :func:`medsam2_jax.train.torch_reference.loss_and_terms` on the ``sam2`` package's model,
+* PyTorch: :func:`medsam2_jax.interop.torch_reference.loss_and_terms` on the ``sam2`` package's model,
   ``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.AdamW``.
 
 Each framework lives in its own worker process, so that each one's memory is its own: peak memory is the
@@ -70,7 +70,7 @@ def make_batch(size: int, frames: int, batch: int, seed: int):
     """B copies (mirrored alternately) of a moving-disk clip, its disk masks and a click on frame 0."""
     import numpy as np
 
-    from medsam2_jax import parity
+    from medsam2_jax.interop import parity
     from medsam2_jax.model.sam2 import normalize_images
 
     s, t = size, frames
@@ -118,12 +118,12 @@ def torch_worker(conn, model_name: str, size: int, batch_file: str, weights_file
     import numpy as np
     import torch
 
-    from medsam2_jax import parity
-    from medsam2_jax.train import torch_reference as tr
-    from tests.torch_ref import perturb_
+    from medsam2_jax.interop import torch_models
+    from medsam2_jax.interop import torch_reference as tr
+    from medsam2_jax.interop.torch_models import perturb_
 
     torch.manual_seed(seed)
-    model = parity.build_torch_model(model_name, size)
+    model = torch_models.build_torch_model(model_name, size)
     perturb_(model, seed)
     with torch.no_grad():
         model.sam_mask_decoder.pred_obj_score_head.layers[2].bias += OBJECT_BIAS
@@ -160,12 +160,13 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
     import jax.numpy as jnp
     from flax import nnx
 
-    from medsam2_jax import api, tracking
+    from medsam2_jax import tracking
+    from medsam2_jax.interop import torch_checkpoint
     from medsam2_jax.memory.bank import BankConfig
     from medsam2_jax.train import optim, step
 
     sd = dict(np.load(weights_file))
-    model = step.train_mode(api.convert_state_dict(sd, model_name, size, source="PyTorch random init"))
+    model = step.train_mode(torch_checkpoint.convert_state_dict(sd, model_name, size, source="PyTorch random init"))
     del sd
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx, _ = optim.make_optimizer(params, lr=LR, total_steps=1_000_000, weight_decay=WEIGHT_DECAY, clip_norm=CLIP)

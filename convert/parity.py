@@ -19,7 +19,7 @@ runs both on the same inputs:
 
 Each row prints the max and mean absolute error, the largest reference value and the tolerance of its kind
 (float32, 'highest' matmul precision: embeddings 1e-4 and logits 1e-3, relative to max(1, |ref|); scores
-1e-4 and positional encodings 1e-5 absolute; see medsam2_jax/parity.py). The exit status is 0 when every
+1e-4 and positional encodings 1e-5 absolute; see medsam2_jax/interop/parity.py). The exit status is 0 when every
 row passes, 1 when any fails and 2 when the checkpoint cannot be used. Runs on CPU; at 1024 the first run
 spends about a minute compiling.
 """
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from medsam2_jax import api, compile_cache, parity, weights
+    from medsam2_jax import api, compile_cache
+    from medsam2_jax.interop import parity, torch_checkpoint, torch_models, weights
     from medsam2_jax.model.sam2 import normalize_images
     from medsam2_jax.model.sizes import get_spec
 
@@ -86,19 +87,19 @@ def main(argv=None) -> int:
     say(f"reading {args.checkpoint}")
     try:
         name = get_spec(args.model).name
-        sd = api.strip_prefix(api.read_torch_checkpoint(args.checkpoint))
+        sd = torch_checkpoint.strip_prefix(torch_checkpoint.read_torch_checkpoint(args.checkpoint))
         if args.converted:
             model = api.load_model(args.converted, image_size=s)
             if model.model_name != name:
                 raise api.CheckpointError(f"{args.converted} holds {model.model_name}, not --model {name}")
-            api.convert_state_dict(sd, name, s, source=args.checkpoint)  # the same checks on the file
+            torch_checkpoint.convert_state_dict(sd, name, s, source=args.checkpoint)  # the same checks on the file
         else:
-            model = api.convert_state_dict(sd, name, s, source=args.checkpoint)
+            model = torch_checkpoint.convert_state_dict(sd, name, s, source=args.checkpoint)
     except (api.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     say("building the PyTorch model (sam2 package)")
-    tm = parity.build_torch_model(name, s, video=args.video)
+    tm = torch_models.build_torch_model(name, s, video=args.video)
     tm.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
     tm.eval()
     if args.corrupt_for_test:

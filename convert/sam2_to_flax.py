@@ -40,12 +40,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import numpy as np
+    from medsam2_jax.interop import torch_checkpoint
 
     from medsam2_jax import api
 
     try:
-        sd = api.strip_prefix(api.read_torch_checkpoint(args.checkpoint))
-        model = api.convert_state_dict(sd, args.model, args.image_size, source=args.checkpoint)
+        sd = torch_checkpoint.strip_prefix(torch_checkpoint.read_torch_checkpoint(args.checkpoint))
+        model = torch_checkpoint.convert_state_dict(sd, args.model, args.image_size, source=args.checkpoint)
         out = api.save_model(model, args.out, source=os.path.basename(args.checkpoint))
     except (api.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,8 +58,8 @@ def main(argv=None) -> int:
           f"      python convert/parity.py --checkpoint {args.checkpoint} --model {model.model_name}   "
           "(check the conversion against PyTorch)")
     if args.export_torch:
-        api.export_torch_checkpoint(model, args.export_torch)
-        back = api.read_torch_checkpoint(args.export_torch)
+        torch_checkpoint.export_torch_checkpoint(model, args.export_torch)
+        back = torch_checkpoint.read_torch_checkpoint(args.export_torch)
         # Bit patterns, not values: -0.0 vs 0.0 or a changed NaN payload would count as a difference.
         same = back.keys() == sd.keys() and all(
             back[k].shape == sd[k].shape and np.array_equal(back[k].view(np.uint32), sd[k].view(np.uint32))

@@ -16,7 +16,9 @@ does)::
     res = ms.track(model, frames, prompts, direction="both", config=cfg)
 
 Models: :func:`load_model`, :func:`save_model`, :func:`build_model`, :func:`random_model`,
-:func:`convert_checkpoint`, :func:`export_torch_state_dict` (``medsam2_jax.api``); the module :class:`SAM2`
+:class:`CheckpointError` (``medsam2_jax.api``); PyTorch checkpoints: :func:`convert_checkpoint`,
+:func:`convert_state_dict`, :func:`read_torch_checkpoint`, :func:`export_torch_state_dict`,
+:func:`export_torch_checkpoint` (``medsam2_jax.interop.torch_checkpoint``); the module :class:`SAM2`
 and :func:`normalize_images` (``medsam2_jax.model.sam2``); tracking: :func:`track`, :func:`make_prompts`,
 :class:`TrackerConfig`, :class:`Prompts`, :func:`encode_frames`, :func:`propagate`, :func:`propagate_many`
 (``medsam2_jax.tracking``) and :class:`BankConfig` (``medsam2_jax.memory.bank``).
@@ -35,11 +37,11 @@ _EXPORTS = {
     "save_model": "medsam2_jax.api",
     "build_model": "medsam2_jax.api",
     "random_model": "medsam2_jax.api",
-    "convert_checkpoint": "medsam2_jax.api",
-    "convert_state_dict": "medsam2_jax.api",
-    "read_torch_checkpoint": "medsam2_jax.api",
-    "export_torch_state_dict": "medsam2_jax.api",
-    "export_torch_checkpoint": "medsam2_jax.api",
+    "convert_checkpoint": "medsam2_jax.interop.torch_checkpoint",
+    "convert_state_dict": "medsam2_jax.interop.torch_checkpoint",
+    "read_torch_checkpoint": "medsam2_jax.interop.torch_checkpoint",
+    "export_torch_state_dict": "medsam2_jax.interop.torch_checkpoint",
+    "export_torch_checkpoint": "medsam2_jax.interop.torch_checkpoint",
     "CheckpointError": "medsam2_jax.api",
     "SAM2": "medsam2_jax.model.sam2",
     "normalize_images": "medsam2_jax.model.sam2",
@@ -57,9 +59,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names resolve lazily
-    from .api import (CheckpointError, build_model, convert_checkpoint, convert_state_dict,  # noqa: F401
-                      export_torch_checkpoint, export_torch_state_dict, load_model, random_model,
-                      read_torch_checkpoint, save_model)
+    from .api import CheckpointError, build_model, load_model, random_model, save_model  # noqa: F401
+    from .interop.torch_checkpoint import (  # noqa: F401
+        convert_checkpoint, convert_state_dict, export_torch_checkpoint, export_torch_state_dict, read_torch_checkpoint)
     from .memory.bank import BankConfig  # noqa: F401
     from .model.sam2 import SAM2, normalize_images  # noqa: F401
     from .tracking import Prompts, TrackerConfig, encode_frames, make_prompts, propagate, propagate_many, stack_features, track  # noqa: F401

@@ -1,17 +1,13 @@
-"""Loading and saving models: PyTorch checkpoints in, orbax checkpoints out, and back.
+"""Models and model directories: build, randomly initialise, save and load (no torch).
 
-* :func:`read_torch_checkpoint` reads Meta's SAM 2 / 2.1 files (``{"model": state_dict}``), bare state dicts
-  and Medical-SAM2 fine-tuned files (``{"model": ..., "parameter": ...}``, possibly bf16, possibly with a
-  DataParallel ``module.`` prefix) into NumPy float32 arrays. Needs torch.
-* :func:`convert_state_dict` checks the model size and version against the tensor shapes and fills a Flax
-  model strictly: a missing, extra, mis-shaped or non-finite tensor is a :class:`CheckpointError` naming it.
-  :func:`convert_checkpoint` is both steps.
 * :func:`save_model` / :func:`load_model` write and read a model directory (orbax ``params/`` with PyTorch
   key names + ``medsam2.json``); loading needs no torch and may use another image size than the one
   converted at.
-* :func:`export_torch_state_dict` / :func:`export_torch_checkpoint` go back to PyTorch names and layouts
-  (bit-exact round trip).
 * :func:`build_model` / :func:`random_model`: a model of a given size, unfilled or randomly initialised.
+
+PyTorch checkpoints in and out (``read_torch_checkpoint``, ``convert_state_dict``, ``convert_checkpoint``,
+``export_torch_checkpoint``) are in :mod:`medsam2_jax.interop.torch_checkpoint`; :class:`CheckpointError` and the
+strict tensor check (:func:`check_tensors`) serve both.
 
 Every model returned here is concrete (no abstract ``ShapeDtypeStruct`` left from the allocation-free
 construction) and in eval mode (``model.eval()``: the mask decoder's dynamic multimask fallback is on, as in
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,14 +26,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from . import weights
+from .interop import weights
 from .model.sam2 import SAM2
-from .model.sizes import SPECS, detect_size, get_spec
+from .model.sizes import get_spec
 
 FORMAT_VERSION = 1
 META_FILE = "medsam2.json"
 PARAMS_DIR = "params"
-_PATCH_KEY = "image_encoder.trunk.patch_embed.proj.weight"
 _CONVERT_HINT = "python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR"
 _SHOWN = 12  # keys listed per kind of problem in an error message
 
@@ -47,120 +41,13 @@ class CheckpointError(ValueError):
     """A checkpoint file or model directory that cannot be read or does not fit the requested model."""
 
 
-# ------------------------------------------------------------------------------------------ PyTorch in
-def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a PyTorch SAM 2 checkpoint into ``{key: float32 array}`` (keys as stored, prefix included).
-
-    Accepts ``{"model": state_dict, ...}`` (Meta's files; Medical-SAM2's add ``"parameter"``, ignored),
-    ``{"state_dict": ...}`` and a bare state dict. Tensors of any floating dtype (bf16, fp16) are upcast to
-    float32, which is exact.
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path}: is a directory, expected a PyTorch checkpoint file (.pt/.pth); a directory written by the "
-            "converter is loaded with medsam2_jax.load_model(DIR)"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: the file is empty (0 bytes); download or save it again")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle at all, or a damaged one
-            raise CheckpointError(
-                f"{path}: cannot be read as a PyTorch checkpoint (neither a zip archive nor a pickle written by "
-                f"torch.save; {size:,} bytes). Is it the right file, and complete?"
-            ) from None
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{path}: holds Python objects other than tensors and containers "
-            f"({found.group(1) if found else 'a pickled class'}), which are not loaded for safety; save only "
-            "the weights: torch.save({'model': model.state_dict()}, FILE)"
-        ) from None
-    except Exception as e:  # truncated zip, unreadable file
-        raise CheckpointError(
-            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            f"Is the file complete ({size:,} bytes here; compare with the published size) and written by "
-            "torch.save?"
-        ) from None
-    sd: Any
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        sd, where = obj["model"], "['model']"
-    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        sd, where = obj["state_dict"], "['state_dict']"
-    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd, where = obj, ""
-    else:
-        found = (f"a dict with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping)
-                 else f"a {type(obj).__name__}")
-        raise CheckpointError(
-            f"{path}: expected a SAM 2 checkpoint, i.e. {{'model': state_dict}} or a state dict of tensors, "
-            f"found {found}"
-        )
-    out: dict[str, np.ndarray] = {}
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor):
-            raise CheckpointError(f"{path}{where}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        if not (v.dtype.is_floating_point):
-            raise CheckpointError(f"{path}{where}: tensor {k!r} has dtype {v.dtype}; SAM 2 weights are floating point")
-        out[str(k)] = v.detach().to(torch.float32).cpu().numpy()
-    if not out:
-        raise CheckpointError(f"{path}{where}: the state dict is empty")
-    return out
-
-
-def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Remove a wrapper prefix shared by the SAM 2 keys (DataParallel's ``module.``, or e.g. ``model.``).
-
-    The prefix is what precedes ``image_encoder.trunk.patch_embed.proj.weight``; keys without it are kept
-    as they are (and will be reported as unexpected by :func:`convert_state_dict`).
-    """
-    root = next((k[: -len(_PATCH_KEY)] for k in state_dict if k.endswith(_PATCH_KEY)), "")
-    if not root:
-        return dict(state_dict)
-    return {(k[len(root):] if k.startswith(root) else k): v for k, v in state_dict.items()}
-
-
-def _check_image_size(image_size: Any) -> int:
+def check_image_size(image_size: Any) -> int:
+    """``image_size`` as an int, or a ValueError unless it is a positive multiple of 32."""
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
         raise ValueError(f"image_size must be an int (a positive multiple of 32), got {image_size!r}")
     if image_size <= 0 or image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32 (e.g. 512 or 1024), got {image_size}")
     return int(image_size)
-
-
-def _describe(name: str) -> str:
-    s = SPECS[name]
-    return f"{name} ({s.size}, SAM {s.version}: embed dim {s.embed_dim}, {s.depth} Hiera blocks)"
-
-
-def _check_size(shapes: Mapping[str, tuple], model_name: str, source: str) -> None:
-    spec = get_spec(model_name)
-    try:
-        actual = detect_size(shapes)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    if actual == spec.name:
-        return
-    real = SPECS[actual]
-    if real.size == spec.size:  # same image encoder, other version
-        what = ("has obj_ptr_tpos_proj and no_obj_embed_spatial" if real.is_2_1
-                else "has no obj_ptr_tpos_proj / no_obj_embed_spatial tensors")
-        raise CheckpointError(
-            f"{source} is a SAM {real.version} checkpoint ({what}), not SAM {spec.version}: "
-            f"convert it as --model {actual} (model_name={actual!r}) instead of {spec.name}"
-        )
-    raise CheckpointError(
-        f"{source} holds a {_describe(actual)} model, not {_describe(spec.name)}: "
-        f"convert it as --model {actual} (model_name={actual!r})"
-    )
 
 
 def _torch_shape(entry: weights.Entry) -> tuple[int, ...]:
@@ -169,7 +56,7 @@ def _torch_shape(entry: weights.Entry) -> tuple[int, ...]:
     return tuple(entry.rule.to_torch(np.broadcast_to(np.float32(0), want)).shape)
 
 
-def _check_tensors(state_dict: Mapping[str, np.ndarray], model: SAM2, source: str) -> None:
+def check_tensors(state_dict: Mapping[str, np.ndarray], model: SAM2, source: str) -> None:
     """Strict one-to-one check of keys, shapes and values, with what to do about each problem."""
     expected = {e.torch_key: _torch_shape(e) for e in weights.iter_entries(model)}
     missing = sorted(expected.keys() - state_dict.keys())
@@ -211,63 +98,16 @@ def _check_tensors(state_dict: Mapping[str, np.ndarray], model: SAM2, source: st
     raise CheckpointError("\n".join(lines))
 
 
-def convert_state_dict(
-    state_dict: Mapping[str, np.ndarray], model_name: str, image_size: int = 1024, *, source: str = "checkpoint"
-) -> SAM2:
-    """Strictly fill a new model from a PyTorch-named state dict, after checking the model size and version.
-
-    A wrapper prefix (``module.``) is removed first (:func:`strip_prefix`). ``source`` names the file in
-    error messages.
-    """
-    image_size = _check_image_size(image_size)
-    spec = get_spec(model_name)
-    if not isinstance(state_dict, Mapping) or not state_dict:
-        raise CheckpointError(f"{source}: the state dict is empty or not a mapping of tensors")
-    sd = strip_prefix(state_dict)
-    _check_size({k: tuple(np.shape(v)) for k, v in sd.items()}, spec.name, source)
-    model = build_model(spec.name, image_size, abstract=True)
-    _check_tensors(sd, model, source)
-    # Private float32 copies: on CPU, jnp.asarray may alias a NumPy buffer (zero copy), and the caller's arrays
-    # are often views of live torch tensors; an in-place torch update must not reach into the JAX model.
-    sd = {k: np.array(v, dtype=np.float32) for k, v in sd.items()}
-    try:
-        weights.load_state_dict(model, sd, source=source)
-    except weights.WeightMismatchError as e:  # _check_tensors should have caught it
-        raise CheckpointError(str(e)) from None
-    return _finish(model, source)
-
-
-def convert_checkpoint(path: str | os.PathLike, model_name: str, image_size: int = 1024) -> SAM2:
-    """:func:`read_torch_checkpoint` then :func:`convert_state_dict`."""
-    return convert_state_dict(read_torch_checkpoint(path), model_name, image_size, source=str(path))
-
-
-# ------------------------------------------------------------------------------------------ PyTorch out
-def export_torch_state_dict(model: SAM2) -> dict[str, np.ndarray]:
-    """The model's weights under SAM 2's PyTorch names and layouts (float32 NumPy arrays)."""
-    return weights.export_state_dict(model)
-
-
-def export_torch_checkpoint(model: SAM2, path: str | os.PathLike) -> Path:
-    """Write ``{"model": state_dict}`` (float32), loadable by the ``sam2`` package's ``build_sam2``."""
-    import torch
-
-    path = Path(path)
-    sd = export_torch_state_dict(model)
-    torch.save({"model": {k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}}, path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------ models
 def build_model(model_name: str, image_size: int = 1024, *, abstract: bool = False, seed: int = 0) -> SAM2:
     """A SAM 2 of the given size at ``image_size`` (a positive multiple of 32).
 
     ``abstract=True`` allocates nothing: every parameter is a ``jax.ShapeDtypeStruct`` placeholder, to be
-    filled by :func:`weights.load_state_dict` (the model is not usable before that; :func:`convert_state_dict`
-    and :func:`load_model` fill it and check). Otherwise the parameters are SAM 2's random initialisation
-    from ``seed``.
+    filled by :func:`weights.load_state_dict` (the model is not usable before that;
+    :func:`medsam2_jax.interop.torch_checkpoint.convert_state_dict` and :func:`load_model` fill it and check).
+    Otherwise the parameters are SAM 2's random initialisation from ``seed``.
     """
-    image_size = _check_image_size(image_size)
+    image_size = check_image_size(image_size)
     name = get_spec(model_name).name  # clear error on an unknown name
     ctor = lambda: SAM2(name, image_size, rngs=nnx.Rngs(seed))
     if abstract:
@@ -283,7 +123,7 @@ def abstract_paths(model: nnx.Module) -> list[str]:
     return [jax.tree_util.keystr(p) for p, leaf in leaves if not isinstance(leaf, jax.Array)]
 
 
-def _finish(model: SAM2, source: str) -> SAM2:
+def finish_model(model: SAM2, source: str) -> SAM2:
     left = abstract_paths(model)
     if left:
         raise RuntimeError(
@@ -323,7 +163,7 @@ def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed
             value = rng.uniform(-bound, bound, shape)
         dtype = e.variable.get_value().dtype
         e.variable.set_value(jax.numpy.asarray(e.rule.to_flax(np.asarray(value, np.float32)), dtype))
-    return _finish(model, "random_model")
+    return finish_model(model, "random_model")
 
 
 # ------------------------------------------------------------------------------------------ model directories
@@ -404,7 +244,7 @@ def load_model(directory: str | os.PathLike, *, image_size: int | None = None) -
             f"{meta_path}: format_version {meta.get('format_version')!r}, this medsam2-jax reads "
             f"{FORMAT_VERSION}; convert the checkpoint again"
         )
-    size = _check_image_size(saved_size if image_size is None else image_size)
+    size = check_image_size(saved_size if image_size is None else image_size)
     spec = get_spec(name)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
@@ -419,9 +259,9 @@ def load_model(directory: str | os.PathLike, *, image_size: int | None = None) -
         ) from None
     sd = {k: np.asarray(v) for k, v in _flatten(tree).items()}
     model = build_model(spec.name, size, abstract=True)
-    _check_tensors(sd, model, str(directory))
+    check_tensors(sd, model, str(directory))
     weights.load_state_dict(model, sd, source=str(directory))
-    return _finish(model, str(directory))
+    return finish_model(model, str(directory))
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

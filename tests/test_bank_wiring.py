@@ -115,15 +115,15 @@ def base(model, seq):
 def test_fifo_equals_pytorch_video_predictor(seq):
     import torch
 
-    from medsam2_jax import api, parity
-    from tests.torch_ref import perturb_
+    from medsam2_jax.interop import parity, torch_checkpoint, torch_models
+    from medsam2_jax.interop.torch_models import perturb_
 
-    pred = parity.build_torch_model("sam2.1_hiera_t", S, video=True)
+    pred = torch_models.build_torch_model("sam2.1_hiera_t", S, video=True)
     perturb_(pred, 0)
     with torch.no_grad():  # make the object present, so masks and memories are not the -1024 path
         pred.sam_mask_decoder.pred_obj_score_head.layers[2].bias += 2.0
     sd = {k: v.detach().float().numpy() for k, v in pred.state_dict().items()}
-    jmodel = api.convert_state_dict(sd, "sam2.1_hiera_t", S)
+    jmodel = torch_checkpoint.convert_state_dict(sd, "sam2.1_hiera_t", S)
     prompts = [{"frame": 0, "points": [[100, 120]], "labels": [1]}]
     ref = parity.torch_video_reference(pred, seq, prompts, "forward")
     ours = run(jmodel, seq, [prompts], FIFO)  # encode_frames + propagate: track() without the final resize

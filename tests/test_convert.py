@@ -5,7 +5,7 @@ module in the three formats the converter reads: Meta's ``{"model": sd}``, a bar
 Medical-SAM2's ``{"model": sd, "parameter": ...}`` with a DataParallel ``module.`` prefix and bf16 tensors.
 Each is converted with ``convert/sam2_to_flax.py``'s ``main(argv)`` and loaded with ``load_model``: the
 loaded weights must equal the file's bit for bit, and the loaded model's outputs equal PyTorch's (tolerances
-of ``medsam2_jax.parity``, justified there and in tests/test_parity_model.py).
+of ``medsam2_jax.interop.parity``, justified there and in tests/test_parity_model.py).
 
 Bad input uses tiny files: state dicts of stride-0 zero tensors (``torch.zeros(1).expand(shape)``, a few KB
 on disk) built from the key and shape lists of the installed sam2 package, read from models built on
@@ -28,10 +28,11 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from medsam2_jax import api, parity, weights  # noqa: E402
+from medsam2_jax import api  # noqa: E402
+from medsam2_jax.interop import parity, torch_checkpoint, torch_models, weights  # noqa: E402
+from medsam2_jax.interop.torch_models import perturb_  # noqa: E402
 from medsam2_jax.model.sam2 import normalize_images  # noqa: E402
 from tests.torch_key_shapes import sam2_key_shapes  # noqa: E402
-from tests.torch_ref import perturb_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -70,7 +71,7 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 def ckpt(tmp_path_factory):
     """The perturbed torch model, its float32 numpy state dict and the three checkpoint files."""
     d = tmp_path_factory.mktemp("ckpt")
-    tm = parity.build_torch_model(NAME, S)
+    tm = torch_models.build_torch_model(NAME, S)
     perturb_(tm, 5)
     with torch.no_grad():
         tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias += 2.0
@@ -118,7 +119,7 @@ def test_meta_format_converts_and_matches_torch(ckpt, converted, capsys):
     assert meta["model_name"] == NAME and meta["image_size"] == S and meta["num_tensors"] == len(ckpt["sd"])
     model = api.load_model(out)
     assert model.model_name == NAME and model.image_size == S
-    exported = api.export_torch_state_dict(model)
+    exported = torch_checkpoint.export_torch_state_dict(model)
     assert exported.keys() == ckpt["sd"].keys()
     assert all(_bits_equal(exported[k], ckpt["sd"][k]) for k in exported)
     points = np.tile(np.array([[[0.4, 0.45], [0.8, 0.2]]], np.float32) * S, (2, 1, 1))
@@ -129,7 +130,7 @@ def test_meta_format_converts_and_matches_torch(ckpt, converted, capsys):
 
 def test_bare_state_dict(ckpt, tmp_path):
     assert _convert(ckpt["files"]["bare"], tmp_path / "m") == 0
-    exported = api.export_torch_state_dict(api.load_model(tmp_path / "m"))
+    exported = torch_checkpoint.export_torch_state_dict(api.load_model(tmp_path / "m"))
     assert exported.keys() == ckpt["sd"].keys()
     assert all(_bits_equal(exported[k], ckpt["sd"][k]) for k in exported)
 
@@ -138,7 +139,7 @@ def test_medical_sam2_format_bf16_module_prefix(ckpt, tmp_path):
     """bf16 -> float32 is exact, so the loaded weights are the file's bf16 values bit for bit (outputs then
     equal those of a PyTorch model holding the same weights, as checked for the Meta format above)."""
     assert _convert(ckpt["files"]["medsam2"], tmp_path / "m") == 0
-    exported = api.export_torch_state_dict(api.load_model(tmp_path / "m"))
+    exported = torch_checkpoint.export_torch_state_dict(api.load_model(tmp_path / "m"))
     rounded = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in ckpt["sd"].items()}
     assert exported.keys() == rounded.keys()
     assert all(_bits_equal(exported[k], rounded[k]) for k in exported)
@@ -168,9 +169,9 @@ def test_load_at_another_image_size(ckpt, converted):
     out, _ = converted
     model = api.load_model(out, image_size=512)
     assert model.image_size == 512 and model.sam_prompt_encoder.input_image_size == (512, 512)
-    exported = api.export_torch_state_dict(model)
+    exported = torch_checkpoint.export_torch_state_dict(model)
     assert all(_bits_equal(exported[k], ckpt["sd"][k]) for k in exported)
-    tm = parity.build_torch_model(NAME, 512)
+    tm = torch_models.build_torch_model(NAME, 512)
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in ckpt["sd"].items()}, strict=True)
     images = np.asarray(normalize_images(parity.smooth_image(512)), np.float32)[None]
     tfeats, feats = parity.torch_image_features(tm, images), parity.jax_encode(model, images)
@@ -216,17 +217,17 @@ def jax_leaves(model):
 
 def test_abstract_model_is_detected():
     model = api.build_model(NAME, S, abstract=True)
-    assert len(api.abstract_paths(model)) == len(weights.torch_keys(model)) == 471
+    assert len(api.abstract_paths(model)) == len(list(weights.iter_entries(model))) == 471
     with pytest.raises(RuntimeError, match="not filled"):
-        api._finish(model, "test")
+        api.finish_model(model, "test")
     with pytest.raises(ValueError, match="unfilled"):
         api.save_model(model, "/nonexistent/never-written")
 
 
 def test_random_model_is_deterministic_per_seed():
-    a = api.export_torch_state_dict(api.random_model(NAME, S, seed=3))
-    b = api.export_torch_state_dict(api.random_model(NAME, S, seed=3))
-    c = api.export_torch_state_dict(api.random_model(NAME, S, seed=4))
+    a = torch_checkpoint.export_torch_state_dict(api.random_model(NAME, S, seed=3))
+    b = torch_checkpoint.export_torch_state_dict(api.random_model(NAME, S, seed=3))
+    c = torch_checkpoint.export_torch_state_dict(api.random_model(NAME, S, seed=4))
     assert all(_bits_equal(a[k], b[k]) for k in a)
     assert not any(np.array_equal(a[k], c[k]) for k in a)
     # Nothing left at an exact 0 / 1 initialisation.

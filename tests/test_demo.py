@@ -163,17 +163,18 @@ def test_image_size_follows_the_model_unless_given(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A converted PyTorch SAM 2.1 tiny (perturbed random init from tests/torch_ref.py), saved as a model
+    """A converted PyTorch SAM 2.1 tiny (perturbed random init, ``interop.torch_models``), saved as a model
     directory. The object-score head's bias is raised by 2 so that the object is called present and the
     prediction is not empty (random weights otherwise gate every mask to -1024)."""
     from medsam2_jax import api
-    from tests.torch_ref import build_torch_sam2, state_dict_numpy
+    from medsam2_jax.interop import torch_checkpoint
+    from medsam2_jax.interop.torch_models import perturbed_torch_model, state_dict_numpy
 
-    sd = state_dict_numpy(build_torch_sam2("sam2.1_hiera_t", S))
+    sd = state_dict_numpy(perturbed_torch_model("sam2.1_hiera_t", S))
     key = "sam_mask_decoder.pred_obj_score_head.layers.2.bias"
     sd[key] = sd[key] + 2.0
-    model = api.convert_state_dict(sd, "sam2.1_hiera_t", S, source="tests.torch_ref")
-    return api.save_model(model, tmp_path_factory.mktemp("model") / "tiny", source="tests.torch_ref (+2 bias)")
+    model = torch_checkpoint.convert_state_dict(sd, "sam2.1_hiera_t", S, source="interop.torch_models")
+    return api.save_model(model, tmp_path_factory.mktemp("model") / "tiny", source="interop.torch_models (+2 bias)")
 
 
 @pytest.fixture(scope="module")

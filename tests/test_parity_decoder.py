@@ -1,8 +1,8 @@
 """Prompt encoder, two-way transformer and mask decoder against PyTorch SAM 2.1 (perturbed random init).
 
-Reference: ``tests.torch_ref.build_torch_sam2("sam2.1_hiera_t", 256)`` (image embedding 16x16, low-res
-masks 64x64). Inputs (image embeddings, high-resolution features) are random N(0, 1) maps, so every weight
-of the decoder matters. float32, matmul precision "highest" (conftest).
+Reference: ``medsam2_jax.interop.torch_models.perturbed_torch_model("sam2.1_hiera_t", 256)`` (image embedding
+16x16, low-res masks 64x64). Inputs (image embeddings, high-resolution features) are random N(0, 1) maps, so
+every weight of the decoder matters. float32, matmul precision "highest" (conftest).
 
 Tolerances, by kind of output (measured maxima in brackets, `pytest tests/test_parity_decoder.py`):
 * prompt embeddings, dense PE, 1x1 convs: sin/cos of float32 arguments up to ~30 in magnitude
@@ -29,11 +29,12 @@ from flax import nnx
 
 import torch  # noqa: E402  (a hard requirement: parity must never be skipped silently)
 
+from medsam2_jax.interop.torch_models import (nchw_to_nhwc, perturb_, perturbed_torch_model,  # noqa: E402
+                                             state_dict_numpy, to_numpy)
+from medsam2_jax.interop.weights import export_state_dict, load_state_dict  # noqa: E402
 from medsam2_jax.model.mask_decoder import MaskDecoder  # noqa: E402
 from medsam2_jax.model.prompt_encoder import PromptEncoder, check_prompts  # noqa: E402
 from medsam2_jax.model.transformer import Attention, TwoWayTransformer  # noqa: E402
-from medsam2_jax.weights import export_state_dict, load_state_dict  # noqa: E402
-from tests.torch_ref import build_torch_sam2, nchw_to_nhwc, perturb_, state_dict_numpy, to_numpy  # noqa: E402
 
 S = 256  # image size
 E = S // 16  # image-embedding size
@@ -58,7 +59,7 @@ def assert_close(ours, ref, atol, what):
 
 @pytest.fixture(scope="module")
 def tmodel():
-    return build_torch_sam2("sam2.1_hiera_t", S)
+    return perturbed_torch_model("sam2.1_hiera_t", S)
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,13 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+from medsam2_jax.interop.torch_models import (TORCH_CONFIGS, nchw_to_nhwc, perturbed_torch_model,  # noqa: E402
+                                             state_dict_numpy)
+from medsam2_jax.interop.weights import WeightMismatchError, export_state_dict, iter_entries, load_state_dict  # noqa: E402
 from medsam2_jax.model import sizes  # noqa: E402
 from medsam2_jax.model.fpn import FpnNeck, ImageEncoder, build_image_encoder  # noqa: E402
 from medsam2_jax.model.hiera import Hiera, bicubic_matrix  # noqa: E402
-from medsam2_jax.weights import WeightMismatchError, export_state_dict, iter_entries, load_state_dict  # noqa: E402
 from tests.torch_key_shapes import sam2_key_shapes  # noqa: E402
-from tests.torch_ref import CONFIGS, build_torch_sam2, nchw_to_nhwc, state_dict_numpy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -72,7 +73,7 @@ CASES = [
 def case(request):
     name, size, batch, width = request.param
     width = width or size
-    tm = build_torch_sam2(name, 256 if width != size else size)  # the encoder itself does not depend on S
+    tm = perturbed_torch_model(name, 256 if width != size else size)  # the encoder itself does not depend on S
     sd = state_dict_numpy(tm)
     enc = build_image_encoder(name, rngs=nnx.Rngs(0))
     load_state_dict(enc, sd, prefix="image_encoder.")
@@ -138,7 +139,7 @@ def test_compiled_once(case):
 # weights: strict load, bit-exact round trip, key set of every size
 # ------------------------------------------------------------------------------------------------------
 def test_weights_round_trip_bit_exact():
-    sd = state_dict_numpy(build_torch_sam2("sam2.1_hiera_t", 256))
+    sd = state_dict_numpy(perturbed_torch_model("sam2.1_hiera_t", 256))
     enc = build_image_encoder("sam2.1_hiera_t", rngs=nnx.Rngs(3))
     load_state_dict(enc, sd, prefix="image_encoder.")
     ours = export_state_dict(enc, prefix="image_encoder.")
@@ -149,7 +150,7 @@ def test_weights_round_trip_bit_exact():
 
 
 def test_load_rejects_other_size():
-    sd = state_dict_numpy(build_torch_sam2("sam2.1_hiera_t", 256))
+    sd = state_dict_numpy(perturbed_torch_model("sam2.1_hiera_t", 256))
     enc = build_image_encoder("sam2.1_hiera_s", rngs=nnx.Rngs(0))
     with pytest.raises(WeightMismatchError, match=r"missing \d+ key\(s\): image_encoder\.trunk\.blocks\.12"):
         load_state_dict(enc, sd, prefix="image_encoder.")
@@ -185,7 +186,7 @@ def _hiera_config(name: str) -> dict:
     from omegaconf import OmegaConf
     from sam2.modeling.backbones.hieradet import Hiera as TorchHiera
 
-    cfg = OmegaConf.load(pathlib.Path(sam2.__file__).parent / CONFIGS[name])
+    cfg = OmegaConf.load(pathlib.Path(sam2.__file__).parent / TORCH_CONFIGS[name])
     args = {k: p.default for k, p in inspect.signature(TorchHiera.__init__).parameters.items() if k != "self"}
     args.update(OmegaConf.to_container(cfg.model.image_encoder.trunk))
     neck = OmegaConf.to_container(cfg.model.image_encoder.neck)
@@ -194,7 +195,7 @@ def _hiera_config(name: str) -> dict:
             "version_2_1": bool(cfg.model.get("proj_tpos_enc_in_obj_ptrs", False))}
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(TORCH_CONFIGS))
 def test_spec_equals_package_config(name):
     spec = sizes.get_spec(name)
     cfg = _hiera_config(name)
@@ -233,7 +234,7 @@ def test_detect_size_on_sam2_1_key_lists(short):
 
 
 def test_detect_size_on_sam2_0_models():
-    sd = state_dict_numpy(build_torch_sam2("sam2_hiera_t", 256))
+    sd = state_dict_numpy(perturbed_torch_model("sam2_hiera_t", 256))
     assert sizes.detect_size({k: v.shape for k, v in sd.items()}) == "sam2_hiera_t"
     # the other 2.0 sizes, from the package's 2.0 models built on the meta device; their key lists are the
     # 2.1 lists minus the three 2.1-only tensors (the 2.0 yaml differs only there)
@@ -288,7 +289,7 @@ def test_bicubic_matrix_equals_torch_interpolate(hw_in, hw_out):
 
 def test_hiera_pos_embed_equals_torch_at_1024():
     """The whole background + window embedding at the 1024 size (256x256 map), without running the trunk."""
-    tm = build_torch_sam2("sam2.1_hiera_b+", 256)
+    tm = perturbed_torch_model("sam2.1_hiera_b+", 256)
     enc = build_image_encoder("sam2.1_hiera_b+", rngs=nnx.Rngs(0))
     load_state_dict(enc, state_dict_numpy(tm), prefix="image_encoder.")
     with torch.no_grad():

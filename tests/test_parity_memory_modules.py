@@ -1,8 +1,9 @@
 """Parity of the memory path's modules (RoPE, memory attention, memory encoder) with PyTorch SAM 2.
 
 Reference: the perturbed random-init ``sam2.1_hiera_t`` at image size 256 (feature maps 16 x 16, so N = 256
-query tokens and 256 memory tokens per frame), from :func:`tests.torch_ref.build_torch_sam2`. Weights go
-through the project's one key map (:func:`medsam2_jax.weights.load_state_dict`), strictly.
+query tokens and 256 memory tokens per frame), from
+:func:`medsam2_jax.interop.torch_models.perturbed_torch_model`. Weights go through the project's one key map
+(:func:`medsam2_jax.interop.weights.load_state_dict`), strictly.
 
 PyTorch's ``MemoryAttention`` is sequence-first ``(tokens, B, C)``; ours is batch-first: the tests transpose
 at the boundary. Feature maps are NCHW in PyTorch and NHWC here.
@@ -31,11 +32,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from sam2.modeling.position_encoding import apply_rotary_enc, compute_axial_cis  # noqa: E402
 
+from medsam2_jax.interop.torch_models import (nchw_to_nhwc, perturbed_torch_model, state_dict_numpy,  # noqa: E402
+                                             to_numpy)
+from medsam2_jax.interop.weights import export_state_dict, iter_entries, load_state_dict  # noqa: E402
 from medsam2_jax.model.memory_attention import MemoryAttention, build_memory_attention  # noqa: E402
 from medsam2_jax.model.memory_encoder import MemoryEncoder  # noqa: E402
 from medsam2_jax.model.rope import apply_rope, apply_rope_keys, axial_rope_tables  # noqa: E402
-from medsam2_jax.weights import export_state_dict, load_state_dict, torch_keys  # noqa: E402
-from tests.torch_ref import build_torch_sam2, nchw_to_nhwc, state_dict_numpy, to_numpy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -53,7 +55,7 @@ B = 2
 
 @pytest.fixture(scope="module")
 def torch_model():
-    return build_torch_sam2("sam2.1_hiera_t", IMAGE_SIZE)
+    return perturbed_torch_model("sam2.1_hiera_t", IMAGE_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +125,14 @@ def test_key_map_round_trip(mem_attn, mem_enc, state_dict):
     cases = ((mem_attn, "memory_attention.", 5_922_304), (mem_enc, "memory_encoder.", 1_384_608))
     for model, prefix, n_params in cases:
         expected = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
-        assert set(torch_keys(model)) == expected
+        assert {e.torch_key for e in iter_entries(model)} == expected
         exported = export_state_dict(model, prefix=prefix)
         assert sum(v.size for v in exported.values()) == n_params  # sam2-reference-facts.md §1.2
         for k, v in exported.items():
             np.testing.assert_array_equal(v, state_dict[k], err_msg=k)
     # The default construction (independent layers, no template) has the same keys.
-    assert set(torch_keys(MemoryAttention(rngs=nnx.Rngs(2)))) == set(torch_keys(mem_attn))
+    default = MemoryAttention(rngs=nnx.Rngs(2))
+    assert {e.torch_key for e in iter_entries(default)} == {e.torch_key for e in iter_entries(mem_attn)}
 
 
 # ----------------------------------------------------------------------------------------------- RoPE

@@ -1,11 +1,11 @@
 """The assembled model end to end against perturbed random-init PyTorch SAM 2 (the ``sam2`` package).
 
 For each (model, image size): the PyTorch model is built as SAM 2's predictors build it
-(``parity.build_torch_model``: eval, ``apply_postprocessing=True`` so the decoder's dynamic multimask choice
+(``torch_models.build_torch_model``: eval, ``apply_postprocessing=True`` so the decoder's dynamic multimask choice
 is on in both frameworks), every parameter is perturbed (zero / one / 1e-6 initialisations hide bugs), the
 object-score head's bias is raised by 2 so that the object is present (otherwise the pointer is the constant
 ``no_obj_ptr`` and the pointer MLP would go untested), and the state dict is converted with
-``api.convert_state_dict``. Then:
+``torch_checkpoint.convert_state_dict``. Then:
 
 * ``parity.image_path_rows``: every Hiera stage, FPN level and position encoding, ``forward_image``, the
   prompt embeddings of two clicks, the three mask logits, IoU, object score and object pointer. Every
@@ -14,7 +14,7 @@ object-score head's bias is raised by 2 so that the object is present (otherwise
   calls, via ``parity.predict_rows``: box, box + click, mask input + click, mask input alone, one mask
   (dynamic multimask), the object-absent path, and static padding with several slot counts.
 
-Tolerances are those of ``medsam2_jax.parity`` (float32, "highest" matmul precision on both sides), each
+Tolerances are those of ``medsam2_jax.interop.parity`` (float32, "highest" matmul precision on both sides), each
 justified there: embeddings ``1e-4 * max(1, max|ref|)`` (summation-order error grows with depth and scale;
 measured <= 1e-5), logits ``1e-3 * max(1, max|ref|)`` (a 32-channel dot product of upscaled features;
 measured ~1e-6), scores 1e-4 absolute, position encodings 1e-5 absolute (measured 2.4e-7).
@@ -27,9 +27,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from medsam2_jax import api, parity  # noqa: E402
+from medsam2_jax.interop import parity, torch_checkpoint, torch_models  # noqa: E402
+from medsam2_jax.interop.torch_models import perturb_  # noqa: E402
 from medsam2_jax.model.sam2 import normalize_images  # noqa: E402
-from tests.torch_ref import perturb_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -37,12 +37,12 @@ OBJECT_BIAS = 2.0
 
 
 def _build(name: str, size: int, seed: int = 0):
-    tm = parity.build_torch_model(name, size)
+    tm = torch_models.build_torch_model(name, size)
     perturb_(tm, seed)
     with torch.no_grad():
         tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias += OBJECT_BIAS
     sd = {k: v.detach().float().numpy() for k, v in tm.state_dict().items()}
-    return tm, api.convert_state_dict(sd, name, size, source=f"perturbed {name}")
+    return tm, torch_checkpoint.convert_state_dict(sd, name, size, source=f"perturbed {name}")
 
 
 def _images(size: int, batch: int, seed: int) -> np.ndarray:

@@ -9,9 +9,9 @@ from sam2.modeling.position_encoding import PositionEmbeddingRandom as TorchRand
 from sam2.modeling.position_encoding import PositionEmbeddingSine  # noqa: E402
 from sam2.modeling.sam2_utils import get_1d_sine_pe as torch_1d  # noqa: E402
 
+from medsam2_jax.interop.torch_models import state_dict_numpy, to_numpy  # noqa: E402
+from medsam2_jax.interop.weights import load_state_dict  # noqa: E402
 from medsam2_jax.model.position import PositionEmbeddingRandom, get_1d_sine_pe, sine_position_encoding  # noqa: E402
-from medsam2_jax.weights import load_state_dict  # noqa: E402
-from tests.torch_ref import state_dict_numpy, to_numpy  # noqa: E402
 from flax import nnx  # noqa: E402
 
 

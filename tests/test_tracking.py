@@ -1,9 +1,10 @@
 """The tracker (:mod:`medsam2_jax.tracking`) against PyTorch's ``SAM2VideoPredictor``, and its properties.
 
-Reference: ``sam2.1_hiera_t`` at 256 px from :func:`medsam2_jax.parity.build_torch_model` (``video=True``:
-SAM 2's own post-processing, i.e. dynamic multimask via stability and binarised memories of prompted
-frames; hole filling off, it needs SAM 2's CUDA extension), random init (seed 0) with every parameter
-perturbed by :func:`tests.torch_ref.perturb_`, converted by :func:`medsam2_jax.api.convert_state_dict`.
+Reference: ``sam2.1_hiera_t`` at 256 px from :func:`medsam2_jax.interop.torch_models.build_torch_model`
+(``video=True``: SAM 2's own post-processing, i.e. dynamic multimask via stability and binarised memories of
+prompted frames; hole filling off, it needs SAM 2's CUDA extension), random init (seed 0) with every
+parameter perturbed by :func:`medsam2_jax.interop.torch_models.perturb_`, converted by
+:func:`medsam2_jax.interop.torch_checkpoint.convert_state_dict`.
 Both frameworks see the same normalised frames (an 8-frame clip of smooth moving shapes plus noise); each
 torch run is a fresh ``init_state`` + prompts + ``propagate_in_video`` (the frames' backbone features are
 computed once, as the predictor computes them, and reused: the image encoder is not what is tested here).
@@ -68,10 +69,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from medsam2_jax import api, parity, tracking  # noqa: E402
+from medsam2_jax import tracking  # noqa: E402
+from medsam2_jax.interop import parity, torch_checkpoint, torch_models  # noqa: E402
+from medsam2_jax.interop.torch_models import perturb_  # noqa: E402
 from medsam2_jax.memory import bank as bank_lib  # noqa: E402
 from medsam2_jax.model.sam2 import NO_OBJ_SCORE, normalize_images, resize_bilinear  # noqa: E402
-from tests.torch_ref import perturb_  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -136,7 +138,7 @@ def frames() -> np.ndarray:
 @pytest.fixture(scope="module")
 def predictor():
     torch.manual_seed(0)
-    pred = parity.build_torch_model(MODEL, S, video=True)
+    pred = torch_models.build_torch_model(MODEL, S, video=True)
     perturb_(pred, 0)
     pred.eval()
     return pred
@@ -166,7 +168,8 @@ def _state_dict(pred, delta: float) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def models(predictor) -> dict[str, object]:
     """The converted JAX models, one per regime (they differ only in the object-score bias)."""
-    return {regime: api.convert_state_dict(_state_dict(predictor, delta), MODEL, S) for regime, delta in BIAS.items()}
+    return {regime: torch_checkpoint.convert_state_dict(_state_dict(predictor, delta), MODEL, S)
+            for regime, delta in BIAS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -538,9 +541,9 @@ def test_jpeg_clip_matches_video_predictor(weights, jpeg_frames):
     SAM2VideoPredictor, for weights perturbed at two scales (tolerances relative to the logits' scale)."""
     scale, seed = JPEG_WEIGHTS[weights]
     torch.manual_seed(0)
-    pred = parity.build_torch_model(MODEL, S, video=True)
+    pred = torch_models.build_torch_model(MODEL, S, video=True)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # as tests.torch_ref.perturb_, at this scale
+    with torch.no_grad():  # as medsam2_jax.interop.torch_models.perturb_, at this scale
         for pname, prm in list(pred.named_parameters()) + list(pred.named_buffers()):
             if prm.dtype.is_floating_point:
                 if pname.endswith("gamma"):
@@ -549,7 +552,8 @@ def test_jpeg_clip_matches_video_predictor(weights, jpeg_frames):
                     prm.add_(scale * torch.randn(prm.shape, generator=gen))
         pred.sam_mask_decoder.pred_obj_score_head.layers[2].bias.add_(BIAS["present"])
     pred.eval()
-    model = api.convert_state_dict({k: v.detach().float().numpy() for k, v in pred.state_dict().items()}, MODEL, S)
+    sd = {k: v.detach().float().numpy() for k, v in pred.state_dict().items()}
+    model = torch_checkpoint.convert_state_dict(sd, MODEL, S)
     prompts = [{"frame": 0, "points": [[90.0, 110.0]], "labels": [1]}]
 
     encode = pred._encode_new_memory

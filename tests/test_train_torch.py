@@ -3,12 +3,12 @@
 One fixed batch of B = 3 sequences of T = 3 frames at 128 px (a moving disk; targets on every frame), one
 object each, prompted on frame 0 with a click (three candidate masks), a box (two corner points: the
 single-mask token 0) and a mask (the mask is the frame's output), tracked forward with SAM 2's FIFO memory.
-Reference: :mod:`medsam2_jax.train.torch_reference` on the ``sam2`` package's SAM 2.1 tiny
-(``tests.torch_ref.build_torch_sam2``: random init, every parameter perturbed, a copy so the cached model is
-untouched), in training behaviour without dropout; the object-score head's bias is raised by 4 before
-conversion (a random model scores every object absent, and then every mask is the constant -1024 and no mask
+Reference: :mod:`medsam2_jax.interop.torch_reference` on the ``sam2`` package's SAM 2.1 tiny
+(``medsam2_jax.interop.torch_models.perturbed_torch_model``: random init, every parameter perturbed, a copy so
+the cached model is untouched), in training behaviour without dropout; the object-score head's bias is raised
+by 4 before conversion (a random model scores every object absent, and then every mask is the constant -1024 and no mask
 gradient flows), so the object is present on every frame on both sides, by a margin (|logit| >= 1) that
-float error cannot flip. JAX: the converted model (``api.convert_state_dict``, what users run),
+float error cannot flip. JAX: the converted model (``torch_checkpoint.convert_state_dict``, what users run),
 ``step.train_mode`` and :func:`medsam2_jax.train.step.loss_and_terms` under ``step.tracker_config``
 (candidates, no inactive-step cond, float32 memories, no dropout), differentiated with ``jax.grad`` and
 exported to PyTorch names and layouts with the weights' key map (``weights.export_state_dict`` of the
@@ -48,13 +48,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from medsam2_jax import api, parity, tracking, weights  # noqa: E402
+from medsam2_jax import tracking  # noqa: E402
+from medsam2_jax.interop import parity, torch_checkpoint, weights  # noqa: E402
+from medsam2_jax.interop import torch_reference as tr  # noqa: E402
+from medsam2_jax.interop.torch_models import perturbed_torch_model  # noqa: E402
 from medsam2_jax.memory.bank import BankConfig  # noqa: E402
 from medsam2_jax.model.sam2 import normalize_images  # noqa: E402
 from medsam2_jax.train import step  # noqa: E402
-from medsam2_jax.train import torch_reference as tr  # noqa: E402
 from medsam2_jax.train.losses import LossWeights  # noqa: E402
-from tests.torch_ref import build_torch_sam2  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -109,11 +110,11 @@ def grad_mismatches(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> 
 
 @pytest.fixture(scope="module")
 def run():
-    tm = copy.deepcopy(build_torch_sam2(MODEL, S, seed=0))
+    tm = copy.deepcopy(perturbed_torch_model(MODEL, S, seed=0))
     with torch.no_grad():
         tm.sam_mask_decoder.pred_obj_score_head.layers[2].bias += OBJECT_BIAS
     sd = {k: v.detach().float().numpy() for k, v in tm.state_dict().items()}
-    model = step.train_mode(api.convert_state_dict(sd, MODEL, S, source="perturbed sam2.1_hiera_t"))
+    model = step.train_mode(torch_checkpoint.convert_state_dict(sd, MODEL, S, source="perturbed sam2.1_hiera_t"))
     tr.training_mode(tm)
     batch = make_batch()
 

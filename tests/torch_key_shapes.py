@@ -1,7 +1,7 @@
 """The key and shape list of a SAM 2 checkpoint, read from the installed ``sam2`` package at test time.
 
 Every size is built by the package's own ``sam2.build_sam.build_sam2`` from the config file that
-``medsam2_jax.parity`` names for it (``parity.torch_config_name``: one table of config files), inside
+``medsam2_jax.interop.torch_models`` names for it (``torch_config_name``: one table of config files), inside
 ``torch.device("meta")``: parameters and buffers get shapes and dtypes but no storage and no random
 initialisation, so even the large model costs well under a second and no weight memory. The package's
 default config is used (image size 1024, as Meta's released checkpoints); the state-dict shapes do not
@@ -28,7 +28,7 @@ def _meta_key_shapes(model_name: str) -> tuple[tuple[str, tuple[int, ...]], ...]
     import torch
     from sam2.build_sam import build_sam2
 
-    from medsam2_jax.parity import torch_config_name
+    from medsam2_jax.interop.torch_models import torch_config_name
 
     cpu_linspace = functools.partial(torch.linspace, device="cpu")
     with torch.device("meta"), mock.patch.object(torch, "linspace", cpu_linspace):

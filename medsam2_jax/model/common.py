@@ -10,7 +10,7 @@ parity with PyTorch:
 * the 2x2/stride-2 transposed convolution uses ``transpose_kernel=True`` so that the kernel is the
   PyTorch kernel transposed, without a spatial flip.
 
-The weight converter (:mod:`medsam2_jax.weights`) dispatches on these classes: every parameterised leaf
+The weight converter (:mod:`medsam2_jax.interop.weights`) dispatches on these classes: every parameterised leaf
 module of the model must be one of them (or hold a raw :class:`nnx.Param` / :class:`Buffer`), which is what
 makes the PyTorch <-> Flax key map a short table instead of a per-module list.
 

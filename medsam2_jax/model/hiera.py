@@ -2,7 +2,7 @@
 
 Attribute names mirror PyTorch (``patch_embed.proj``, ``pos_embed``, ``pos_embed_window``,
 ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.layers.{0,1},proj}``) so that the key map in
-:mod:`medsam2_jax.weights` needs no special case; ``pos_embed`` and ``pos_embed_window`` are raw
+:mod:`medsam2_jax.interop.weights` needs no special case; ``pos_embed`` and ``pos_embed_window`` are raw
 ``nnx.Param`` in PyTorch layout (1, C, h, w).
 
 Numerics follow the reference exactly:

@@ -2,7 +2,7 @@
 object pointer) and the per-frame pieces the tracker composes (memory encoding, mask-as-output).
 
 The attribute names equal ``SAM2Base``'s, so a PyTorch SAM 2 / SAM 2.1 / Medical-SAM2 state dict maps onto
-this module through :mod:`medsam2_jax.weights` with no per-key code.
+this module through :mod:`medsam2_jax.interop.weights` with no per-key code.
 
 Conventions: images NHWC, already normalised (see :func:`normalize_images`), of size ``image_size`` (a
 multiple of 32). Prompt coordinates are (x, y) pixels in that image. Mask logits come back at a quarter of

@@ -1,6 +1,6 @@
 """SAM 2's two-way transformer (``sam2/modeling/sam/transformer.py``) in Flax NNX.
 
-Attribute names mirror the PyTorch modules so that :mod:`medsam2_jax.weights` maps checkpoint keys
+Attribute names mirror the PyTorch modules so that :mod:`medsam2_jax.interop.weights` maps checkpoint keys
 one to one (``layers.{i}.self_attn.q_proj.weight`` ...).
 
 Layout: token sequences are (B, N, C); the image embedding enters as an NHWC map and leaves as the

@@ -153,7 +153,7 @@ def loss_and_terms(model, batch: dict, weights=None, max_cond_frames: int = 4):
     """
     import torch
 
-    from .losses import LossWeights
+    from ..train.losses import LossWeights
 
     weights = weights or LossWeights()
     outs = sequence_outputs(model, batch, max_cond_frames)

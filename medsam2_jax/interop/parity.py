@@ -1,9 +1,9 @@
 """Run PyTorch SAM 2 and medsam2-jax side by side and report per-module errors.
 
 Used by ``convert/parity.py`` (users checking their own real checkpoint) and by the end-to-end parity
-tests (random perturbed weights). Needs torch and the ``sam2`` package.
+tests (random perturbed weights). Needs torch and the ``sam2`` package; the PyTorch models come from
+:func:`medsam2_jax.interop.torch_models.build_torch_model`.
 
-* :func:`build_torch_model`: the PyTorch reference as SAM 2's predictors build it (CPU, eval).
 * :func:`image_path_rows`: every Hiera stage, FPN level and position encoding, the prompt embeddings, the
   decoder outputs and the object pointer, for clicks.
 * :func:`predict_rows`: ``SAM2.predict_masks`` against ``SAM2ImagePredictor._predict`` (its prompt-encoder
@@ -38,19 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .torch_models import nchw_to_nhwc, nhwc_to_nchw, to_numpy
+
 TOL = {"embedding": 1e-4, "logits": 1e-3, "score": 1e-4, "positional": 1e-5}
 RELATIVE = {"embedding": True, "logits": True, "score": False, "positional": False}
-
-TORCH_CONFIGS = {
-    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
-    "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml",
-    "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
-    "sam2_hiera_b+": "configs/sam2/sam2_hiera_b+.yaml",
-    "sam2_hiera_l": "configs/sam2/sam2_hiera_l.yaml",
-}
 
 
 @dataclasses.dataclass
@@ -79,51 +70,6 @@ def compare(name: str, ours: Any, ref: Any, kind: str) -> Row:
     tol = TOL[kind] * (max(1.0, ref_max) if RELATIVE[kind] else 1.0)
     mx = float(diff.max()) if diff.size else 0.0
     return Row(name, kind, mx, float(diff.mean()) if diff.size else 0.0, ref_max, tol, bool(mx <= tol))
-
-
-def torch_config_name(model_name: str) -> str:
-    from .model.sizes import get_spec
-
-    return TORCH_CONFIGS[get_spec(model_name).name]
-
-
-def build_torch_model(model_name: str, image_size: int, checkpoint: str | None = None, *, video: bool = False):
-    """The PyTorch reference at ``image_size``: eval mode, CPU, no post-processing, no hole filling."""
-    import torch  # noqa: F401
-    from sam2.build_sam import build_sam2, build_sam2_video_predictor
-
-    s = image_size // 16
-    overrides = [
-        f"++model.image_size={image_size}",
-        f"++model.memory_attention.layer.self_attention.feat_sizes=[{s},{s}]",
-        f"++model.memory_attention.layer.cross_attention.feat_sizes=[{s},{s}]",
-        "++model.compile_image_encoder=false",
-    ]
-    cfg = torch_config_name(model_name)
-    # SAM 2's own defaults (apply_postprocessing=True: dynamic multimask via stability and, for video,
-    # binarised memories of prompted frames); hole filling is off because it needs SAM 2's CUDA extension
-    # (PyTorch skips it on CPU with a warning).
-    if video:
-        predictor = build_sam2_video_predictor(cfg, checkpoint, device="cpu", mode="eval",
-                                               hydra_overrides_extra=overrides, apply_postprocessing=True)
-        predictor.fill_hole_area = 0
-        return predictor
-    return build_sam2(cfg, checkpoint, device="cpu", mode="eval", hydra_overrides_extra=overrides,
-                      apply_postprocessing=True)
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
-
-
-def _nhwc(t) -> np.ndarray:
-    return np.transpose(_np(t), (0, 2, 3, 1))
-
-
-def _nchw(a):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(a, np.float32), (0, 3, 1, 2))))
 
 
 # ------------------------------------------------------------------------------------- JAX side, compiled
@@ -175,7 +121,7 @@ def torch_image_features(torch_model, images: np.ndarray) -> dict[str, Any]:
     import torch
 
     with torch.no_grad():
-        bo = torch_model.forward_image(_nchw(images))
+        bo = torch_model.forward_image(nhwc_to_nchw(images))
         top = bo["backbone_fpn"][2] + torch_model.no_mem_embed.view(1, -1, 1, 1)
     return {"image_embed": top, "high_res_feats": list(bo["backbone_fpn"][:2]), "backbone_out": bo}
 
@@ -218,7 +164,8 @@ def torch_predict(torch_model, tfeats: dict[str, Any], *, points=None, labels=No
         ptr = torch_model.obj_ptr_proj(token)
         present = (obj > 0).float()
         ptr = present * ptr + (1 - present) * torch_model.no_obj_ptr
-    return {"masks": _np(masks), "iou": _np(iou), "object_score_logits": _np(obj), "obj_ptr": _np(ptr)}
+    return {"masks": to_numpy(masks), "iou": to_numpy(iou), "object_score_logits": to_numpy(obj),
+            "obj_ptr": to_numpy(ptr)}
 
 
 def pad_points(points: np.ndarray | None, labels: np.ndarray | None, b: int, extra: int):
@@ -264,7 +211,7 @@ def image_path_rows(
     import torch
 
     rows: list[Row] = []
-    x_t = _nchw(images)
+    x_t = nhwc_to_nchw(images)
     with torch.no_grad():
         trunk_t = torch_model.image_encoder.trunk(x_t)
         neck_t, pos_t = torch_model.image_encoder.neck(trunk_t)
@@ -275,17 +222,17 @@ def image_path_rows(
     j = _jax_image_path(graphdef, state, jnp.asarray(images, jnp.float32), jnp.asarray(pad_pts),
                         jnp.asarray(pad_lab))
     for i, (a, r) in enumerate(zip(j["trunk"], trunk_t)):
-        rows.append(compare(f"image_encoder.trunk stage {i}", a, _nhwc(r), "embedding"))
+        rows.append(compare(f"image_encoder.trunk stage {i}", a, nchw_to_nhwc(r), "embedding"))
     for i, (a, r) in enumerate(zip(j["neck"], neck_t)):
-        rows.append(compare(f"image_encoder.neck level {i}", a, _nhwc(r), "embedding"))
+        rows.append(compare(f"image_encoder.neck level {i}", a, nchw_to_nhwc(r), "embedding"))
     for i, (a, r) in enumerate(zip(j["pos"], pos_t)):
         rows.append(compare(f"image_encoder.neck pos_enc {i}", jnp.broadcast_to(a, r.shape[:1] + a.shape[1:]),
-                            _nhwc(r), "positional"))
+                            nchw_to_nhwc(r), "positional"))
     for i, (a, r) in enumerate(zip(j["feats"]["backbone_fpn"], bo["backbone_fpn"])):
-        rows.append(compare(f"forward_image backbone_fpn {i}", a, _nhwc(r), "embedding"))
+        rows.append(compare(f"forward_image backbone_fpn {i}", a, nchw_to_nhwc(r), "embedding"))
     for i, (a, r) in enumerate(zip(j["feats"]["vision_pos_enc"], bo["vision_pos_enc"])):
         rows.append(compare(f"forward_image vision_pos_enc {i}", jnp.broadcast_to(a, r.shape[:1] + a.shape[1:]),
-                            _nhwc(r), "positional"))
+                            nchw_to_nhwc(r), "positional"))
 
     pts_t = torch.from_numpy(points.astype(np.float32))
     lab_t = torch.from_numpy(labels.astype(np.int32))
@@ -294,8 +241,8 @@ def image_path_rows(
     # Our attended tokens, in order, equal PyTorch's tokens (clicks then its one padding point).
     sparse, smask = np.asarray(j["sparse"]), np.asarray(j["sparse_mask"])
     sel = sparse[smask].reshape(b, -1, sparse.shape[-1]) if smask.sum() % b == 0 else sparse
-    rows.append(compare("sam_prompt_encoder sparse (points)", sel, _np(sparse_t), "embedding"))
-    rows.append(compare("sam_prompt_encoder dense", j["dense"], _nhwc(dense_t), "embedding"))
+    rows.append(compare("sam_prompt_encoder sparse (points)", sel, to_numpy(sparse_t), "embedding"))
+    rows.append(compare("sam_prompt_encoder dense", j["dense"], nchw_to_nhwc(dense_t), "embedding"))
 
     with torch.no_grad():
         hr_t = bo["backbone_fpn"][:2]
@@ -309,10 +256,10 @@ def image_path_rows(
             sparse_prompt_embeddings=sparse_t, dense_prompt_embeddings=dense_t, multimask_output=True,
             repeat_image=False, high_res_features=hr_t)
     out = j["out"]
-    rows.append(compare("sam_mask_decoder low-res mask logits (3)", out["masks"], _np(low_multi_t), "logits"))
-    rows.append(compare("sam_mask_decoder iou predictions", out["iou"], _np(ious_t), "score"))
-    rows.append(compare("sam_mask_decoder object score logits", out["object_score_logits"], _np(obj_t), "logits"))
-    rows.append(compare("obj_ptr (best mask)", out["obj_ptr"], _np(ptr_t), "embedding"))
+    rows.append(compare("sam_mask_decoder low-res mask logits (3)", out["masks"], to_numpy(low_multi_t), "logits"))
+    rows.append(compare("sam_mask_decoder iou predictions", out["iou"], to_numpy(ious_t), "score"))
+    rows.append(compare("sam_mask_decoder object score logits", out["object_score_logits"], to_numpy(obj_t), "logits"))
+    rows.append(compare("obj_ptr (best mask)", out["obj_ptr"], to_numpy(ptr_t), "embedding"))
     return rows
 
 
@@ -321,8 +268,8 @@ def video_rows(predictor, model, frames: np.ndarray, prompts: Sequence[dict], di
     """Track one object through ``frames`` (T, S, S, 3) with :func:`medsam2_jax.tracking.track` (SAM 2's FIFO
     memory) and with PyTorch's ``SAM2VideoPredictor`` (:func:`torch_video_reference`); one row per visited
     frame's low-res mask logits, plus the object scores, the IoU predictions and the set of visited frames."""
-    from .memory.bank import BankConfig
-    from .tracking import TrackerConfig, make_prompts, track
+    from ..memory.bank import BankConfig
+    from ..tracking import TrackerConfig, make_prompts, track
 
     ref = torch_video_reference(predictor, frames, prompts, direction)
     cfg = TrackerConfig(bank=BankConfig.sam2_fifo())
@@ -425,8 +372,8 @@ def _collect_outputs(state: dict, ious: dict[int, float], t: int, s4: int) -> di
         for f, o in outs[key].items():
             if f not in state["frames_tracked_per_obj"][0]:
                 continue
-            low[f] = _np(o["pred_masks"])[0, 0]
-            obj[f] = float(_np(o["object_score_logits"]).reshape(-1)[0])
+            low[f] = to_numpy(o["pred_masks"])[0, 0]
+            obj[f] = float(to_numpy(o["object_score_logits"]).reshape(-1)[0])
             iou[f] = ious.get(f, np.nan)
             visited[f] = True
     return {"low_res_masks": low, "object_score_logits": obj, "iou": iou, "visited": visited}
@@ -559,7 +506,7 @@ def torch_video_track(
         t0 = time.perf_counter()
         _add_prompts(predictor, state, prompts)
         for f, _, masks in predictor.propagate_in_video(state, reverse=(direction == "backward")):
-            video_res[f] = _np(masks)[0, 0]
+            video_res[f] = to_numpy(masks)[0, 0]
         total = time.perf_counter() - t0
         return {
             **_collect_outputs(state, ious, t, s4),
