@@ -55,6 +55,7 @@ from .run import (  # noqa: F401
     track,
 )
 from .scan import (  # noqa: F401
+    MemoryRead,
     conditioning_outputs,
     descriptor_grid,
     initial_carry,
@@ -62,4 +63,5 @@ from .scan import (  # noqa: F401
     memory_conditioned_features,
     propagate,
     propagate_with_carry,
+    read_memory,
 )

@@ -1,11 +1,13 @@
 """The propagation scan: prompted frames first (:func:`conditioning_outputs`), then one ``lax.scan`` over a
 static-length schedule (:func:`make_schedule`) whose steps read the memory, attend to it
-(:func:`memory_conditioned_features`), run the heads and the memory encoder and update the bank."""
+(:func:`read_memory` into a :class:`MemoryRead`, :func:`memory_conditioned_features`), run the heads and the
+memory encoder and update the bank (the step's pieces are at the end of the module)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -93,62 +95,78 @@ def _pointer_tpos(model: SAM2, pos: Array, t_diff_max: int) -> Array:
     return model.obj_ptr_tpos_proj(pe)
 
 
+@flax.struct.dataclass
+class MemoryRead:
+    """What memory attention reads at one step, for B objects: the conditioning memories of the prompted
+    frames (all of them, every step) and the non-conditioning memories and object pointers read from the bank
+    and the pointer ring (:func:`read_memory`)."""
+
+    cond_maskmem: Array  # (B, Kc, h, w, 64) memories of the prompted frames
+    cond_ptr: Array  # (B, Kc, 256) their object pointers
+    cond_valid: Array  # (B, Kc) bool
+    cond_frame: Array  # (B, Kc) int32 their frames
+    spatial: Array  # (B, K, h, w, 64) non-conditioning memories
+    spatial_tidx: Array  # (B, K) int32 their row of ``maskmem_tpos_enc``
+    spatial_valid: Array  # (B, K) bool
+    ptr: Array  # (B, R, 256) non-conditioning object pointers
+    ptr_pos: Array  # (B, R) int32 their temporal distances
+    ptr_valid: Array  # (B, R) bool
+
+
+def _spatial_memory(model: SAM2, mem: MemoryRead, n: int) -> tuple[Array, Array, Array]:
+    """Memory features (B, (Kc + K) * N, 64), conditioning first, with their position encodings and mask."""
+    b, kc = mem.cond_valid.shape
+    mem_pos = model.memory_pos_enc().reshape(1, 1, n, model.mem_dim)
+    tpos = model.maskmem_tpos_enc[...].reshape(model.num_maskmem, model.mem_dim)
+    # Conditioning memories: temporal row num_maskmem - 1.
+    cond_feat = mem.cond_maskmem.reshape(b, kc, n, model.mem_dim)
+    cond_pos = jnp.broadcast_to(mem_pos + tpos[model.num_maskmem - 1], cond_feat.shape)
+    sp_feat = mem.spatial.reshape(b, -1, n, model.mem_dim)
+    sp_pos = mem_pos + tpos[mem.spatial_tidx][:, :, None, :]
+    feats = jnp.concatenate([cond_feat, sp_feat], axis=1)
+    pos = jnp.concatenate([cond_pos, sp_pos], axis=1)
+    fvalid = jnp.concatenate([mem.cond_valid, mem.spatial_valid], axis=1)
+    nf = feats.shape[1]
+    feats = feats.reshape(b, nf * n, model.mem_dim)
+    pos = pos.reshape(b, nf * n, model.mem_dim)
+    return feats, pos, jnp.repeat(fvalid, n, axis=1)
+
+
+def _pointer_memory(model: SAM2, mem: MemoryRead, frame: Array, direction: Array, num_frames: int
+                    ) -> tuple[Array, Array, Array]:
+    """Object pointer tokens (B, (Kc + R) * 4, 64): conditioning frames in the past (signed distance), then
+    recent frames (distance), with their temporal encodings and mask."""
+    b = mem.cond_valid.shape[0]
+    t_diff_max = max(min(num_frames, model.max_obj_ptrs_in_encoder) - 1, 1)
+    d = direction[:, None]
+    cond_in_past = (mem.cond_frame - frame[:, None]) * d <= 0
+    cond_ptr_valid = mem.cond_valid & cond_in_past
+    cond_ptr_pos = (frame[:, None] - mem.cond_frame) * d
+    ptrs = jnp.concatenate([mem.cond_ptr, mem.ptr], axis=1)  # (B, Kc+R, 256)
+    ppos = jnp.concatenate([cond_ptr_pos, mem.ptr_pos], axis=1)
+    pvalid = jnp.concatenate([cond_ptr_valid, mem.ptr_valid], axis=1)
+    ptpos = _pointer_tpos(model, ppos, t_diff_max)  # (B, Kc+R, 64)
+    split = model.hidden_dim // model.mem_dim
+    return ptrs.reshape(b, -1, model.mem_dim), jnp.repeat(ptpos, split, axis=1), jnp.repeat(pvalid, split, axis=1)
+
+
 def memory_conditioned_features(
     model: SAM2,
     top: Array,
     top_pos: Array,
     frame: Array,
     direction: Array,
-    cond: dict[str, Array],
-    cond_valid: Array,
-    cond_frame: Array,
-    spatial: Array,
-    spatial_tidx: Array,
-    spatial_valid: Array,
-    ptr: Array,
-    ptr_pos: Array,
-    ptr_valid: Array,
+    mem: MemoryRead,
     num_frames: int,
     dropout_key: Array | None = None,
 ) -> Array:
-    """SAM 2's ``_prepare_memory_conditioned_features`` over fixed-size slots (B objects).
-
-    ``spatial`` (B, K, N, 64) non-conditioning memories with their ``maskmem_tpos_enc`` row ``spatial_tidx``
-    (B, K) and validity; ``ptr`` (B, R, 256) non-conditioning object pointers at temporal distances
-    ``ptr_pos`` (B, R) with validity ``ptr_valid``.
-    """
+    """SAM 2's ``_prepare_memory_conditioned_features`` over fixed-size slots (B objects): the current
+    frame's top features ``top`` (B, h, w, C) attend to the memory ``mem`` read at ``frame`` (B,) in
+    ``direction`` (B,) (+1 / -1) of a ``num_frames`` sequence."""
     b, h, w, c = top.shape
     n = h * w
-    kc = cond_valid.shape[1]
-    mem_pos = model.memory_pos_enc().reshape(1, 1, n, model.mem_dim)
-    tpos = model.maskmem_tpos_enc[...].reshape(model.num_maskmem, model.mem_dim)
-    # Conditioning memories: temporal row num_maskmem - 1.
-    cond_feat = cond["maskmem"].reshape(b, kc, n, model.mem_dim)
-    cond_pos = jnp.broadcast_to(mem_pos + tpos[model.num_maskmem - 1], cond_feat.shape)
-    sp_feat = spatial.reshape(b, -1, n, model.mem_dim)
-    sp_pos = mem_pos + tpos[spatial_tidx][:, :, None, :]
-    feats = jnp.concatenate([cond_feat, sp_feat], axis=1)
-    pos = jnp.concatenate([cond_pos, sp_pos], axis=1)
-    fvalid = jnp.concatenate([cond_valid, spatial_valid], axis=1)
-    nf = feats.shape[1]
-    feats = feats.reshape(b, nf * n, model.mem_dim)
-    pos = pos.reshape(b, nf * n, model.mem_dim)
-    fmask = jnp.repeat(fvalid, n, axis=1)
-
-    # Object pointers: conditioning frames in the past (signed distance), then recent frames (distance).
-    t_diff_max = max(min(num_frames, model.max_obj_ptrs_in_encoder) - 1, 1)
-    d = direction[:, None]
-    cond_in_past = (cond_frame - frame[:, None]) * d <= 0
-    cond_ptr_valid = cond_valid & cond_in_past
-    cond_ptr_pos = (frame[:, None] - cond_frame) * d
-    ptrs = jnp.concatenate([cond["obj_ptr"], ptr], axis=1)  # (B, Kc+R, 256)
-    ppos = jnp.concatenate([cond_ptr_pos, ptr_pos], axis=1)
-    pvalid = jnp.concatenate([cond_ptr_valid, ptr_valid], axis=1)
-    ptpos = _pointer_tpos(model, ppos, t_diff_max)  # (B, Kc+R, 64)
-    split = model.hidden_dim // model.mem_dim
-    ptr_tokens = ptrs.reshape(b, -1, model.mem_dim)
-    ptr_pos = jnp.repeat(ptpos, split, axis=1)
-    ptr_mask = jnp.repeat(pvalid, split, axis=1)
+    feats, pos, fmask = _spatial_memory(model, mem, n)
+    ptr_tokens, ptr_pos, ptr_mask = _pointer_memory(model, mem, frame, direction, num_frames)
 
     memory = jnp.concatenate([feats, ptr_tokens], axis=1)
     memory_pos = jnp.concatenate([pos, ptr_pos], axis=1)
@@ -244,9 +262,8 @@ def propagate_with_carry(
     direction: Direction = "forward",
 ) -> tuple[dict[str, Array], tuple[bank_lib.Bank, dict]]:
     """:func:`propagate`, also returning the scan's final carry (the banks and pointer rings)."""
-    top_all = feats["fpn"][-1]
-    t, h, w, c = top_all.shape
-    b, kc = prompts.frame_idx.shape
+    t, h = feats["fpn"][-1].shape[:2]
+    b = prompts.frame_idx.shape[0]
     top_pos = feats["pos"][-1][0]
     cond = conditioning_outputs(model, feats, prompts, cfg)
     first = jnp.min(jnp.where(prompts.valid, prompts.frame_idx, t), axis=1)
@@ -262,93 +279,29 @@ def propagate_with_carry(
     t_diff_max = max(min(t, model.max_obj_ptrs_in_encoder) - 1, 1)
 
     def run(carry, xs):
-        bank, ring = carry
+        # One step: read memory -> attend -> heads -> encode memory -> bank update.
         frame, dirn, active, reset, step_key = xs
-        bank = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), bank, bank0)
-        ring = jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), ring, ring0)
+        bank, ring = _reset(carry[0], reset, bank0), _reset(carry[1], reset, ring0)
         fpn = _gather_frames(feats["fpn"], frame)
         top = fpn[-1]
         desc = bank_lib.make_descriptor(top.astype(jnp.float32), grid)  # bank statistics in float32
-
         # Dropout takes a key of its own; without it the step key is the bank's alone (as in inference).
         bank_key, dropout_key = jax.random.split(step_key) if cfg.dropout else (step_key, None)
-        keys = jax.random.split(bank_key, b)
-        # What memory attention reads (bank.read): under fifo SAM 2's window, the non-conditioning frames
-        # 1..num_maskmem-1 steps behind; under self_sorting the resampled bank (the paper).
-        r = jax.vmap(lambda bk, q, kk, f, d: bank_lib.read(bk, q, f, kk, bcfg, d))(bank, desc, keys, frame, dirn)
-        view, view_valid, tidx = r.view, r.view.valid, r.tpos_row  # tidx: row of maskmem_tpos_enc
-        if bcfg.policy == "fifo":
-            # SAM 2: the pointers of the frames up to t_diff_max steps back (prompted frames are in the
-            # conditioning slots, not in the ring).
-            ptr_pos = (frame[:, None] - ring["frame"]) * dirn[:, None]
-            ptr, ptr_valid = ring["ptr"], ring["valid"] & (ptr_pos >= 1) & (ptr_pos <= t_diff_max)
-        else:
-            # The paper: the resampled entries' pointers come with them.
-            ptr, ptr_pos, ptr_valid = view.payload["obj_ptr"], r.t_rel, view_valid
-        pix = memory_conditioned_features(
-            model, top, top_pos, frame, dirn, cond, prompts.valid, prompts.frame_idx,
-            view.payload["maskmem"], tidx, view_valid, ptr, ptr_pos, ptr_valid, t,
-            dropout_key=dropout_key,
-        )
-        pad_c = jnp.zeros((b, 1, 2), jnp.float32)
-        pad_l = -jnp.ones((b, 1), jnp.int32)
-        heads = model.sam_heads(pix, fpn[:2], pad_c, pad_l, None)
-        out = model.select_outputs(heads, True)
+        read = read_memory(bank, ring, desc, jax.random.split(bank_key, b), frame, dirn, cond, prompts, bcfg,
+                           t_diff_max)
+        pix = memory_conditioned_features(model, top, top_pos, frame, dirn, read, t, dropout_key=dropout_key)
+        out = _unprompted_heads(model, pix, fpn)
         mem = _round_memory(model.encode_memory(top, out["low_res_masks"], out["object_score_logits"], False), cfg)
-
         # Prompted frames output their conditioning result and do not enter the bank (as in SAM 2).
-        match = prompts.valid & (prompts.frame_idx == frame[:, None])
-        is_cond = jnp.any(match, axis=1)
-        slot = jnp.argmax(match, axis=1)
-        cpick = lambda a: jnp.take_along_axis(a, slot.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
-        low = jnp.where(is_cond[:, None, None], cpick(cond["low_res_masks"]), out["low_res_masks"])
-        iou = jnp.where(is_cond, cpick(cond["iou"]), out["iou"])
-        obj = jnp.where(is_cond[:, None], cpick(cond["object_score_logits"]), out["object_score_logits"])[:, 0]
-
-        enters = active & ~is_cond
-        conf = out["iou"].astype(jnp.float32)
-        new_bank = jax.vmap(lambda bk, p, d, cf, f: bank_lib.update(bk, p, d, cf, f, bcfg))(
-            bank, {"maskmem": mem.astype(jnp.float32), "obj_ptr": out["obj_ptr"].astype(jnp.float32)}, desc, conf,
-            frame,
-        )
-        bank = jax.tree.map(lambda new, old: jnp.where(_bcast(enters, new), new, old), new_bank, bank)
-        ring = {
-            "ptr": jnp.where(enters[:, None, None], _push(ring["ptr"], out["obj_ptr"].astype(jnp.float32)),
-                             ring["ptr"]),
-            "frame": jnp.where(enters[:, None], _push(ring["frame"], frame), ring["frame"]),
-            "valid": jnp.where(enters[:, None], _push(ring["valid"], jnp.ones((b,), bool)), ring["valid"]),
-        }
-        y = {
-            "low_res_masks": low.astype(jnp.float32), "iou": iou.astype(jnp.float32),
-            "object_score_logits": obj.astype(jnp.float32), "frame": frame, "active": active,
-            # What the bank holds after this step (small; for diagnostics and tests).
-            "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
-            "read_valid": view_valid,
-        }
-        if cfg.train:
-            cand, cand_iou, cand_valid = _candidates(out, True)
-            y["candidates"] = jnp.where(is_cond[:, None, None, None], cpick(cond["candidates"]), cand)
-            y["candidates_iou"] = jnp.where(is_cond[:, None], cpick(cond["candidates_iou"]), cand_iou)
-            y["candidates_valid"] = jnp.where(is_cond[:, None], cpick(cond["candidates_valid"]), cand_valid)
+        is_cond, slot = _cond_slot(prompts, frame)
+        bank, ring = _update_memory(bank, ring, out, mem, desc, frame, active & ~is_cond, bcfg)
+        y = _step_outputs(out, cond, is_cond, slot, frame, active, bank, read.spatial_valid, cfg.train)
         return (bank, ring), y
 
     def skip(carry, xs):
         # No object is active at this step: nothing is read or written; the outputs are dropped later.
-        bank, _ = carry
         frame, _, active, _, _ = xs
-        y = {
-            "low_res_masks": jnp.full((b, s4, s4), NO_OBJ_SCORE, jnp.float32),
-            "iou": jnp.zeros((b,), jnp.float32),
-            "object_score_logits": jnp.full((b,), NO_OBJ_SCORE, jnp.float32),
-            "frame": frame, "active": active,
-            "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
-            "read_valid": jnp.zeros(bank.valid.shape, bool),
-        }
-        if cfg.train:
-            y["candidates"] = jnp.full((b, 4, s4, s4), NO_OBJ_SCORE, jnp.float32)
-            y["candidates_iou"] = jnp.zeros((b, 4), jnp.float32)
-            y["candidates_valid"] = jnp.zeros((b, 4), bool)
-        return carry, y
+        return carry, _skipped_outputs(carry[0], frame, active, s4, cfg.train)
 
     def step(carry, xs):
         if not cfg.skip_inactive:
@@ -362,7 +315,121 @@ def propagate_with_carry(
     carry, ys = jax.lax.scan(
         step, (bank0, ring0), (sched["frame"], sched["dir"], sched["active"], sched["reset"], keys)
     )
-    # Scatter the steps back to frame order; inactive steps are dropped.
+    return _scatter_to_frames(ys, b, t, s4, cfg.train), carry
+
+
+# ------------------------------------------------------------------------------------- the step's pieces
+def _reset(tree: Any, reset: Array, tree0: Any) -> Any:
+    """Objects whose bank is reset at this step (``both``: the start of the backward pass) get ``tree0``."""
+    return jax.tree.map(lambda a, a0: jnp.where(_bcast(reset, a), a0, a), tree, tree0)
+
+
+def read_memory(bank: bank_lib.Bank, ring: dict, desc: Array, keys: Array, frame: Array, dirn: Array,
+                cond: dict[str, Array], prompts: Prompts, bcfg: bank_lib.BankConfig, t_diff_max: int) -> MemoryRead:
+    """What memory attention reads at this step (B objects; ``keys`` one per object).
+
+    The bank's read (``bank.read``): under fifo SAM 2's window, the non-conditioning frames 1..num_maskmem-1
+    steps behind; under self_sorting the resampled bank (the paper)."""
+    r = jax.vmap(lambda bk, q, kk, f, d: bank_lib.read(bk, q, f, kk, bcfg, d))(bank, desc, keys, frame, dirn)
+    view = r.view
+    if bcfg.policy == "fifo":
+        # SAM 2: the pointers of the frames up to t_diff_max steps back (prompted frames are in the
+        # conditioning slots, not in the ring).
+        ptr_pos = (frame[:, None] - ring["frame"]) * dirn[:, None]
+        ptr, ptr_valid = ring["ptr"], ring["valid"] & (ptr_pos >= 1) & (ptr_pos <= t_diff_max)
+    else:
+        # The paper: the resampled entries' pointers come with them.
+        ptr, ptr_pos, ptr_valid = view.payload["obj_ptr"], r.t_rel, view.valid
+    return MemoryRead(
+        cond_maskmem=cond["maskmem"], cond_ptr=cond["obj_ptr"], cond_valid=prompts.valid,
+        cond_frame=prompts.frame_idx, spatial=view.payload["maskmem"], spatial_tidx=r.tpos_row,
+        spatial_valid=view.valid, ptr=ptr, ptr_pos=ptr_pos, ptr_valid=ptr_valid,
+    )
+
+
+def _unprompted_heads(model: SAM2, pix: Array, fpn: list[Array]) -> dict[str, Array]:
+    """The SAM heads on memory-conditioned features with no prompt (one padding point), multimask choice."""
+    b = pix.shape[0]
+    pad_c = jnp.zeros((b, 1, 2), jnp.float32)
+    pad_l = -jnp.ones((b, 1), jnp.int32)
+    heads = model.sam_heads(pix, fpn[:2], pad_c, pad_l, None)
+    return model.select_outputs(heads, True)
+
+
+def _cond_slot(prompts: Prompts, frame: Array) -> tuple[Array, Array]:
+    """Whether ``frame`` (B,) is a prompted frame of each object, and which conditioning slot holds it."""
+    match = prompts.valid & (prompts.frame_idx == frame[:, None])
+    return jnp.any(match, axis=1), jnp.argmax(match, axis=1)
+
+
+def _pick_slot(a: Array, slot: Array) -> Array:
+    """``a[i, slot[i]]`` for every object i of a (B, Kc, ...) array."""
+    b = slot.shape[0]
+    return jnp.take_along_axis(a, slot.reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
+
+
+def _update_memory(bank: bank_lib.Bank, ring: dict, out: dict[str, Array], mem: Array, desc: Array,
+                   frame: Array, enters: Array, bcfg: bank_lib.BankConfig) -> tuple[bank_lib.Bank, dict]:
+    """The objects where ``enters`` add this step's memory to their bank and its pointer to their ring."""
+    b = frame.shape[0]
+    conf = out["iou"].astype(jnp.float32)
+    new_bank = jax.vmap(lambda bk, p, d, cf, f: bank_lib.update(bk, p, d, cf, f, bcfg))(
+        bank, {"maskmem": mem.astype(jnp.float32), "obj_ptr": out["obj_ptr"].astype(jnp.float32)}, desc, conf,
+        frame,
+    )
+    bank = jax.tree.map(lambda new, old: jnp.where(_bcast(enters, new), new, old), new_bank, bank)
+    ring = {
+        "ptr": jnp.where(enters[:, None, None], _push(ring["ptr"], out["obj_ptr"].astype(jnp.float32)),
+                         ring["ptr"]),
+        "frame": jnp.where(enters[:, None], _push(ring["frame"], frame), ring["frame"]),
+        "valid": jnp.where(enters[:, None], _push(ring["valid"], jnp.ones((b,), bool)), ring["valid"]),
+    }
+    return bank, ring
+
+
+def _step_outputs(out: dict[str, Array], cond: dict[str, Array], is_cond: Array, slot: Array, frame: Array,
+                  active: Array, bank: bank_lib.Bank, read_valid: Array, train: bool) -> dict[str, Array]:
+    """A step's outputs: prompted frames output their conditioning result, the others the heads'."""
+    cpick = lambda a: _pick_slot(a, slot)  # noqa: E731
+    low = jnp.where(is_cond[:, None, None], cpick(cond["low_res_masks"]), out["low_res_masks"])
+    iou = jnp.where(is_cond, cpick(cond["iou"]), out["iou"])
+    obj = jnp.where(is_cond[:, None], cpick(cond["object_score_logits"]), out["object_score_logits"])[:, 0]
+    y = {
+        "low_res_masks": low.astype(jnp.float32), "iou": iou.astype(jnp.float32),
+        "object_score_logits": obj.astype(jnp.float32), "frame": frame, "active": active,
+        # What the bank holds after this step (small; for diagnostics and tests).
+        "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
+        "read_valid": read_valid,
+    }
+    if train:
+        cand, cand_iou, cand_valid = _candidates(out, True)
+        y["candidates"] = jnp.where(is_cond[:, None, None, None], cpick(cond["candidates"]), cand)
+        y["candidates_iou"] = jnp.where(is_cond[:, None], cpick(cond["candidates_iou"]), cand_iou)
+        y["candidates_valid"] = jnp.where(is_cond[:, None], cpick(cond["candidates_valid"]), cand_valid)
+    return y
+
+
+def _skipped_outputs(bank: bank_lib.Bank, frame: Array, active: Array, s4: int, train: bool) -> dict[str, Array]:
+    """The outputs of a step where no object is active (same structure as :func:`_step_outputs`)."""
+    b = frame.shape[0]
+    y = {
+        "low_res_masks": jnp.full((b, s4, s4), NO_OBJ_SCORE, jnp.float32),
+        "iou": jnp.zeros((b,), jnp.float32),
+        "object_score_logits": jnp.full((b,), NO_OBJ_SCORE, jnp.float32),
+        "frame": frame, "active": active,
+        "bank_frame": bank.frame_idx, "bank_valid": bank.valid, "bank_confidence": bank.confidence,
+        "read_valid": jnp.zeros(bank.valid.shape, bool),
+    }
+    if train:
+        y["candidates"] = jnp.full((b, 4, s4, s4), NO_OBJ_SCORE, jnp.float32)
+        y["candidates_iou"] = jnp.zeros((b, 4), jnp.float32)
+        y["candidates_valid"] = jnp.zeros((b, 4), bool)
+    return y
+
+
+def _scatter_to_frames(ys: dict[str, Array], b: int, t: int, s4: int, train: bool) -> dict[str, Array]:
+    """The scan's per-step outputs (steps, B, ...) back in frame order (B, T, ...); inactive steps dropped.
+    ``trace`` keeps the per-step view in processing order: frame, activity and the bank's content."""
     tgt = jnp.where(ys["active"], ys["frame"], t)  # (steps, B)
     bidx = jnp.broadcast_to(jnp.arange(b)[None], tgt.shape)
     res = {
@@ -370,16 +437,15 @@ def propagate_with_carry(
         "iou": jnp.zeros((b, t), jnp.float32),
         "object_score_logits": jnp.full((b, t), NO_OBJ_SCORE, jnp.float32),
     }
-    if cfg.train:
+    if train:
         res["candidates"] = jnp.full((b, t, 4, s4, s4), NO_OBJ_SCORE, jnp.float32)
         res["candidates_iou"] = jnp.zeros((b, t, 4), jnp.float32)
         res["candidates_valid"] = jnp.zeros((b, t, 4), bool)
     res = {kk: v.at[bidx, tgt].set(ys[kk], mode="drop") for kk, v in res.items()}
     res["visited"] = jnp.zeros((b, t), bool).at[bidx, tgt].set(True, mode="drop")
-    # Per-step trace in processing order, (steps, B, ...): frame, activity and the bank's content.
     res["trace"] = {kk: ys[kk] for kk in ("frame", "active", "iou", "bank_frame", "bank_valid", "bank_confidence",
                                           "read_valid")}
-    return res, carry
+    return res
 
 
 def _bcast(flag: Array, like: Array) -> Array:
