@@ -39,12 +39,12 @@ eval: $(STAMP)
 
 # Side-by-side timings against PyTorch (long on a CPU: tens of minutes). Results in benchmarks/results/.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/image_encoder.py
-	$(BIN)/python benchmarks/tracking.py
-	$(BIN)/python benchmarks/roofline.py --results benchmarks/results/tracking.json --out benchmarks/results/roofline.json
-	$(BIN)/python benchmarks/tracking.py --repeats 3 --encode-devices 2 --out benchmarks/results/tracking_encode_devices2.json
-	$(BIN)/python benchmarks/memory_bank.py
-	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python -m benchmarks.image_encoder
+	$(BIN)/python -m benchmarks.tracking
+	$(BIN)/python -m benchmarks.roofline --results benchmarks/results/tracking.json --out benchmarks/results/roofline.json
+	$(BIN)/python -m benchmarks.tracking --repeats 3 --encode-devices 2 --out benchmarks/results/tracking_encode_devices2.json
+	$(BIN)/python -m benchmarks.memory_bank
+	$(BIN)/python -m benchmarks.data_pipeline
 
 clean:
 	rm -rf $(VENV) .jax_cache out

@@ -5,19 +5,16 @@ applies (einsum, xla, cudnn) on SAM 2's attention shapes, float32 and bfloat16, 
 timings; (2) a random tiny model tracking a short clip in float32 and in whole-model bfloat16, with their
 agreement and timings. Writes one JSON (``--out``) and prints it.
 
-    python benchmarks/bf16_attention_check.py --size 1024 --frames 8 --out results.json
+    python -m benchmarks.bf16_attention_check --size 1024 --frames 8 --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

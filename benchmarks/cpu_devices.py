@@ -6,21 +6,18 @@ Virtual CPU devices must exist before JAX's backend starts, so ``--devices`` set
 first; run the script once per device count to compare (e.g. ``--devices 1`` and ``--devices 2``).
 
 Examples:
-    python benchmarks/cpu_devices.py --mode encode --devices 1 --image-size 512
-    python benchmarks/cpu_devices.py --mode encode --devices 2 --image-size 512
-    python benchmarks/cpu_devices.py --mode overlap --image-size 256   # tracker on cpu:0, encoder on cpu:1
+    python -m benchmarks.cpu_devices --mode encode --devices 1 --image-size 512
+    python -m benchmarks.cpu_devices --mode encode --devices 2 --image-size 512
+    python -m benchmarks.cpu_devices --mode overlap --image-size 256   # tracker on cpu:0, encoder on cpu:1
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: training sequences per second with 0, 1 and 2 grain workers, against the model.
 
-    python benchmarks/data_pipeline.py                       # S=256, T=8, phantoms, hiera_t, JSON to out/bench/
-    python benchmarks/data_pipeline.py --workers 0 2 --batches 20 --source memory --model none
+    python -m benchmarks.data_pipeline                       # S=256, T=8, phantoms, hiera_t, JSON to out/bench/
+    python -m benchmarks.data_pipeline --workers 0 2 --batches 20 --source memory --model none
 
 The question it answers (issue 5, item 9): is the pipeline fast enough that a training step never waits
 for it? Each configuration builds the real pipeline (:mod:`medsam2_jax.data.pipeline`: balanced sampling,
@@ -52,7 +52,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medsam2_jax.data import pipeline as pl  # noqa: E402
 from medsam2_jax.data import sampling as sp  # noqa: E402

@@ -30,11 +30,11 @@ is checked before each measurement; what would not fit is recorded as ``"skipped
 
 Device run (see ``benchmarks/device_suite.sh``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/device_suite.py --out $OUT/device_suite.json
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.device_suite --out $OUT/device_suite.json
 
 CPU smoke run (CI, ``tests/test_device_suite.py``; tiny sizes, same code paths)::
 
-    python benchmarks/device_suite.py --smoke --out /tmp/device_suite.json
+    python -m benchmarks.device_suite --smoke --out /tmp/device_suite.json
 """
 
 from __future__ import annotations
@@ -56,8 +56,6 @@ import time
 import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 T0 = time.perf_counter()
 OBJECT_BIAS = 2.0  # raised object-score bias: random weights otherwise leave the object absent (masks -1024)
@@ -311,7 +309,7 @@ class Suite:
         self.budget = Budget(args.budget_s)
         self.result: dict = {
             "benchmark": "device_suite",
-            "command": " ".join(["benchmarks/device_suite.py", *sys.argv[1:]]),
+            "command": " ".join(["python -m benchmarks.device_suite", *sys.argv[1:]]),
             "smoke": args.smoke,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "torch_compile_worker")},
             "sections": {},
@@ -936,7 +934,7 @@ class Suite:
                         "dtype": "bfloat16 autocast", "process": "child process (time-capped)"})
             t0 = time.perf_counter()
             with open(logf, "w") as lf:
-                p = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).resolve()),
+                p = subprocess.Popen([sys.executable, "-m", "benchmarks.device_suite",
                                       "--torch-compile-worker", spec_file], stdout=lf, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(ROOT))
                 try:

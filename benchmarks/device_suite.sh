@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benchmarks/device_suite.py on the device machine (one NVIDIA H200, no package registry), from the repo root,
+# python3 -m benchmarks.device_suite on the device machine (one NVIDIA H200, no package registry), from the repo root,
 # with the wheels carried in .whl/ (see benchmarks/device_suite.py and README): the packages the machine
 # lacks (sam2 1.1.0 built pure-Python with SAM2_BUILD_CUDA=0, hydra-core, omegaconf, antlr4-python3-runtime,
 # iopath) plus flax 0.12.8, the version this project is tested with. Only those go to /tmp/site, so the
@@ -26,4 +26,4 @@ fi
 python3 -c "import jax, flax, torch, sam2, medsam2_jax.tracking; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 set -o pipefail
-PYTHONUNBUFFERED=1 python3 benchmarks/device_suite.py --out "$OUT/device_suite.json" "$@" 2>&1 | tee "$OUT/log.txt"
+PYTHONUNBUFFERED=1 python3 -m benchmarks.device_suite --out "$OUT/device_suite.json" "$@" 2>&1 | tee "$OUT/log.txt"

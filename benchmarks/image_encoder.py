@@ -8,8 +8,8 @@ measured separately (ahead-of-time ``lower().compile()``) and is not part of the
 the two are compared as a sanity check. Results go to a JSON file and a table on stdout.
 
 Example:
-    python benchmarks/image_encoder.py                       # tiny at 512, batch 1 and 8
-    python benchmarks/image_encoder.py --models sam2.1_hiera_t sam2.1_hiera_b+ --image-sizes 512 1024 \\
+    python -m benchmarks.image_encoder                       # tiny at 512, batch 1 and 8
+    python -m benchmarks.image_encoder --models sam2.1_hiera_t sam2.1_hiera_b+ --image-sizes 512 1024 \\
         --batch-sizes 1 --repeats 5
 """
 
@@ -23,8 +23,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -212,7 +210,7 @@ def main(argv=None) -> int:
               "(PyTorch's OpenMP threads lose more than XLA's thread pool when the cores are oversubscribed).")
     result = {
         "benchmark": "image_encoder",
-        "command": " ".join(["python benchmarks/image_encoder.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m benchmarks.image_encoder", *(sys.argv[1:] if argv is None else argv)]),
         "dtype": "float32",
         "jax_matmul_precision": args.matmul_precision,
         "jax_images_per_step": "auto" if args.images_per_step is None else args.images_per_step,

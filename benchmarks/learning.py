@@ -2,8 +2,8 @@
 phantoms, and compare with the copy-mask baseline (the prompted slice's ground truth pasted on every later
 slice of the sequence).
 
-    python benchmarks/learning.py                          # 200 steps each, 256 px, JSON to benchmarks/results/
-    python benchmarks/learning.py --steps 50 --image-size 128 --runs random
+    python -m benchmarks.learning                          # 200 steps each, 256 px, JSON to benchmarks/results/
+    python -m benchmarks.learning --steps 50 --image-size 128 --runs random
 
 "From a converted model": pretrained SAM 2 checkpoints cannot be downloaded here, so a randomly initialised
 model written by ``medsam2_jax.save_model`` (the format ``convert/sam2_to_flax.py`` writes) stands in; with a
@@ -56,8 +56,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import machine_info  # noqa: E402
+    from benchmarks.common import machine_info
 
     results = {"machine": machine_info(), "steps": a.steps, "image_size": a.image_size, "frames": a.frames,
                "runs": {}}

@@ -1,7 +1,7 @@
 """Cost of the memory bank: its share of a tracking step, and propagation speed with self_sorting vs fifo.
 
-    python benchmarks/memory_bank.py                         # S=256, hiera_t (random), T=32, K=16
-    python benchmarks/memory_bank.py --K 6 16 32 --frames 48 --checkpoint models/sam2.1_t
+    python -m benchmarks.memory_bank                         # S=256, hiera_t (random), T=32, K=16
+    python -m benchmarks.memory_bank --K 6 16 32 --frames 48 --checkpoint models/sam2.1_t
 
 The question (issue 4, item 6): is the paper's bank cheap next to the model — a few percent of a step at
 K = 16 — and how fast does propagation run with it compared with SAM 2's FIFO?
@@ -30,13 +30,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -6,8 +6,8 @@ iteration, so their FLOPs are per call and their rate is a lower bound there. Pi
 ``taskset -c 0`` to compare against the one-core GEMM rate of ``benchmarks/roofline.py``.
 
 Examples:
-    taskset -c 0 python benchmarks/op_profile.py --part encoder --image-size 512
-    python benchmarks/op_profile.py --part tracking --image-size 256 --top 20
+    taskset -c 0 python -m benchmarks.op_profile --part encoder --image-size 512
+    python -m benchmarks.op_profile --part tracking --image-size 256 --top 20
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import gzip
 import json
 import pathlib
 import re
-import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,8 +14,8 @@ The model's FLOPs are fixed by parity (the same network, in float32), so when th
 speed target, no implementation of this model reaches that target on this machine.
 
 Examples:
-    python benchmarks/roofline.py --results benchmarks/results/tracking.json
-    python benchmarks/roofline.py --results benchmarks/results/tracking_single_core.json --single-core
+    python -m benchmarks.roofline --results benchmarks/results/tracking.json
+    python -m benchmarks.roofline --results benchmarks/results/tracking_single_core.json --single-core
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,7 +128,7 @@ def main(argv=None) -> int:
     if args.single_core:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     if not args.results.is_file():
-        raise SystemExit(f"--results: {args.results} does not exist; run benchmarks/tracking.py first")
+        raise SystemExit(f"--results: {args.results} does not exist; run python -m benchmarks.tracking first")
     res = json.loads(args.results.read_text())
     if bool(res.get("single_thread")) != args.single_core:
         raise SystemExit(f"--results: {args.results} was measured with single_thread={res.get('single_thread')}; "

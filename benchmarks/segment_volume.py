@@ -24,9 +24,9 @@ loading it from the persistent compilation cache (``--cache-dir``; warm after th
 The 1-minute load average is recorded before and after: on a shared machine absolute times are noisy.
 
 Examples:
-    python benchmarks/segment_volume.py                                   # real CT, 512 px, ~10 min on 2 cores
-    python benchmarks/segment_volume.py --image-size 256 --pipelines jax_pair torch jax_default
-    python benchmarks/segment_volume.py --volume phantom --image-size 256 --no-torch
+    python -m benchmarks.segment_volume                                   # real CT, 512 px, ~10 min on 2 cores
+    python -m benchmarks.segment_volume --image-size 256 --pipelines jax_pair torch jax_default
+    python -m benchmarks.segment_volume --volume phantom --image-size 256 --no-torch
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PIPELINES = ("jax_pair", "torch", "jax_default")
 
@@ -272,7 +270,7 @@ def main(argv=None) -> int:
         print(f"PyTorch / JAX (axial pair, total): {rows['torch']['total_s'] / rows['jax_pair']['total_s']:.2f}x")
     result = {
         "benchmark": "segment_volume",
-        "command": " ".join(["python benchmarks/segment_volume.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.segment_volume", *(argv if argv is not None else sys.argv[1:])]),
         "model": name,
         "weights": "PyTorch random init (object-score bias +2), converted; meaningless masks",
         "case": desc,

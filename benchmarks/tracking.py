@@ -20,12 +20,12 @@ compilation cache) is reported apart and not counted. The two outputs are compar
 abs difference of the low-res mask logits, min IoU of the binarised masks).
 
 Examples:
-    python benchmarks/tracking.py                                   # tiny, 64 slices at 256 and 512
-    python benchmarks/tracking.py --image-sizes 256 --frames 16 --repeats 3
-    python benchmarks/tracking.py --single-thread                   # per-core comparison on a shared machine
-    python benchmarks/tracking.py --encode-devices 2                # encoder frames split over 2 CPU devices
-    python benchmarks/tracking.py --image-sizes 1024 --no-torch --matmul-precision default  # a GPU, fp32/TF32
-    python benchmarks/tracking.py --image-sizes 1024 --dtype bfloat16 --no-torch --peak-tflops 989  # a GPU
+    python -m benchmarks.tracking                                   # tiny, 64 slices at 256 and 512
+    python -m benchmarks.tracking --image-sizes 256 --frames 16 --repeats 3
+    python -m benchmarks.tracking --single-thread                   # per-core comparison on a shared machine
+    python -m benchmarks.tracking --encode-devices 2                # encoder frames split over 2 CPU devices
+    python -m benchmarks.tracking --image-sizes 1024 --no-torch --matmul-precision default  # a GPU, fp32/TF32
+    python -m benchmarks.tracking --image-sizes 1024 --dtype bfloat16 --no-torch --peak-tflops 989  # a GPU
 
 On a GPU machine the sam2 package (CPU torch) is no reference for speed: use --no-torch there.
 """
@@ -40,8 +40,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PHASES = ("encode", "propagate", "total")
 
@@ -365,7 +363,7 @@ def main(argv=None) -> int:
               "other processes share the CPU, so absolute numbers are low and noisy (the ratio is fairer).")
     result = {
         "benchmark": "tracking",
-        "command": " ".join(["benchmarks/tracking.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.tracking", *(argv if argv is not None else sys.argv[1:])]),
         "model": name,
         "dtype": args.dtype,
         "bank": args.bank,

@@ -1,7 +1,7 @@
 """Training-step memory against the number of frames, with and without rematerialisation.
 
-    python benchmarks/train_memory.py                        # 128 px, T = 2 4 8, batch 1
-    python benchmarks/train_memory.py --image-size 256 --frames 4 8 16
+    python -m benchmarks.train_memory                        # 128 px, T = 2 4 8, batch 1
+    python -m benchmarks.train_memory --image-size 256 --frames 4 8 16
 
 For each T, the training step (forward, SAM 2's loss, backward, AdamW) is compiled for a random SAM 2.1 tiny
 and XLA's memory analysis of the compiled program is read: ``temp`` is the scratch memory the step needs
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -58,8 +57,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="sequences per step")
     ap.add_argument("--out", default="benchmarks/results/train_memory.json")
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import machine_info
+    from benchmarks.common import machine_info
 
     rows = []
     for remat in (False, True):

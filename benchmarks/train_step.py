@@ -23,8 +23,8 @@ alternate between the two workers (one JAX step, one PyTorch step, ...) so that 
 hits both alike; times are medians over ``--repeats`` steps after the first.
 
 Examples:
-    python benchmarks/train_step.py                              # tiny, T=8, B=1, at 256 and 512 px
-    python benchmarks/train_step.py --image-sizes 256 --frames 4 --repeats 3
+    python -m benchmarks.train_step                              # tiny, T=8, B=1, at 256 and 512 px
+    python -m benchmarks.train_step --image-sizes 256 --frames 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 OBJECT_BIAS = 4.0
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.01, 0.1
@@ -300,7 +298,7 @@ def main(argv=None) -> int:
               "CPUs; other processes share the CPU, so absolute numbers are low and noisy (the ratio is fairer).")
     result = {
         "benchmark": "train_step",
-        "command": " ".join(["benchmarks/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.train_step", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model,
         "jax_matmul_precision": args.matmul_precision,
         "repeats": args.repeats,

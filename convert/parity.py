@@ -26,10 +26,7 @@ spends about a minute compiling.
 
 import argparse
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 CORRUPT_KEY = "image_encoder.trunk.patch_embed.proj.bias"
 

@@ -22,8 +22,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
 MODEL_HELP = ("model name: sam2.1_hiera_{t,s,b+,l} or sam2_hiera_{t,s,b+,l} (SAM 2.0); long forms such as "
               "sam2.1_hiera_tiny or sam2.1_hiera_base_plus work too")
 
@@ -40,9 +38,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import numpy as np
-    from medsam2_jax.interop import torch_checkpoint
 
     from medsam2_jax import api
+    from medsam2_jax.interop import torch_checkpoint
 
     try:
         sd = torch_checkpoint.strip_prefix(torch_checkpoint.read_torch_checkpoint(args.checkpoint))

@@ -1,5 +1,5 @@
-"""``benchmarks/device_suite.py --smoke``: the accelerator suite's code paths on CPU at tiny sizes, so that the
-one-shot device script cannot rot. Every section must finish with numbers and no error, and the bf16 vs
+"""``python -m benchmarks.device_suite --smoke``: the accelerator suite's code paths on CPU at tiny sizes, so
+that the one-shot device script cannot rot. Every section must finish with numbers and no error, and the bf16 vs
 float32 agreement must be sane (random weights at 64 px: the bounds are loose, a broken bf16 path or a
 mis-wired comparison is far outside them)."""
 
@@ -27,7 +27,7 @@ def suite(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
     with open(tmp / "stdout.txt", "w") as so, open(tmp / "stderr.txt", "w") as se:
-        r = subprocess.run([sys.executable, "benchmarks/device_suite.py", "--smoke", "--out", str(out),
+        r = subprocess.run([sys.executable, "-m", "benchmarks.device_suite", "--smoke", "--out", str(out),
                             "--cache-dir", CACHE], cwd=ROOT, env=env, stdout=so, stderr=se, timeout=2700)
     log = (tmp / "stdout.txt").read_text()[-4000:] + (tmp / "stderr.txt").read_text()[-4000:]
     assert r.returncode == 0, log

@@ -663,16 +663,12 @@ def test_bfloat16_path_runs(models, frames, jax_features):
 
 @pytest.mark.slow
 def test_benchmark_script_bfloat16_runs(tmp_path):
-    """``benchmarks/tracking.py --dtype bfloat16`` runs on CPU at 256 for 2 frames (JAX only) and writes its
-    JSON (same shapes and config as the test above, so its compiles are shared in one session)."""
-    import importlib.util
+    """``python -m benchmarks.tracking --dtype bfloat16`` runs on CPU at 256 for 2 frames (JAX only) and writes
+    its JSON (same shapes and config as the test above, so its compiles are shared in one session)."""
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tracking.py"
-    spec = importlib.util.spec_from_file_location("bench_tracking", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import tracking as bench
+
     out = tmp_path / "tracking.json"
     cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "cache")
     assert bench.main(["--no-torch", "--image-sizes", "256", "--frames", "2", "--repeats", "1", "--dtype",

@@ -194,11 +194,8 @@ def test_mesh_errors_name_the_fields():
 
 # ---------------------------------------------------------------------------------------------- config + CLI
 def _demo():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from configs import demo
-    finally:
-        sys.path.pop(0)
+    from configs import demo  # the repository root is on sys.path under pytest (tests/ is a package)
+
     return demo.get_config()
 
 
@@ -227,18 +224,14 @@ def test_config_errors_name_the_field(field, value, match):
 
 
 def test_demo_and_every_experiment_config_validate():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import importlib
+    import importlib
 
-        for name in ("demo", "ct_3d", "oneprompt_2d", "pod"):
-            c = importlib.import_module(f"configs.{name}").get_config()
-            if not c.data.dataset_dirs and not c.data.phantoms and not c.data.realct:
-                with c.unlocked():
-                    c.data.dataset_dirs = ("/some/folder",)
-            validate(c)
-    finally:
-        sys.path.pop(0)
+    for name in ("demo", "ct_3d", "oneprompt_2d", "pod"):
+        c = importlib.import_module(f"configs.{name}").get_config()
+        if not c.data.dataset_dirs and not c.data.phantoms and not c.data.realct:
+            with c.unlocked():
+                c.data.dataset_dirs = ("/some/folder",)
+        validate(c)
 
 
 @pytest.mark.parametrize("args,match", [
