@@ -33,7 +33,7 @@ demo: $(STAMP)
 
 # Evaluates random weights on 4 phantoms (copy-mask, fifo, self-sorting; about 4 minutes on 2 CPU cores): the
 # pipeline and the baseline only, the model rows are meaningless. Pass a real model with
-# `python eval.py --config=configs/eval_phantoms.py --checkpoint=DIR --workdir=out/eval`.
+# `python eval.py --config=configs/eval_phantoms.py --model=DIR --workdir=out/eval`.
 eval: $(STAMP)
 	$(BIN)/python eval.py --config=configs/eval_phantoms.py --random_weights --workdir=out/eval
 

@@ -2,12 +2,12 @@
 """Check medsam2-jax against PyTorch SAM 2 on your own checkpoint: per-module errors and pass/fail.
 
 Example:
-  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t
-  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --image-size 512 --video
-  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --converted models/tiny
+  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t
+  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t --image-size 512 --video
+  python convert/parity.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t --model models/tiny
 
 Builds the PyTorch model from the `sam2` package (CPU, eval mode, float32) with the checkpoint's weights and
-the JAX model converted from the same file (or, with --converted DIR, the directory the converter wrote), and
+the JAX model converted from the same file (or, with --model DIR, the directory the converter wrote), and
 runs both on the same inputs:
 
   * two images: random normalised noise and a generated smooth image (a bright disk on a gradient);
@@ -34,10 +34,10 @@ CORRUPT_KEY = "image_encoder.trunk.patch_embed.proj.bias"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="PyTorch .pt/.pth checkpoint (as for convert/sam2_to_flax.py)")
-    ap.add_argument("--model", required=True,
+    ap.add_argument("--model-name", required=True, metavar="NAME",
                     help="model name: sam2.1_hiera_{t,s,b+,l} or sam2_hiera_{t,s,b+,l} (SAM 2.0)")
     ap.add_argument("--image-size", type=int, default=1024, help="input size S, a multiple of 32 (default 1024)")
-    ap.add_argument("--converted", default=None, metavar="DIR",
+    ap.add_argument("--model", default=None, metavar="DIR",
                     help="check this converted model directory instead of converting the checkpoint in memory")
     ap.add_argument("--video", action="store_true", help="also track a short clip against SAM2VideoPredictor")
     ap.add_argument("--frames", type=int, default=8, help="frames in the --video clip (default 8)")
@@ -83,12 +83,12 @@ def main(argv=None) -> int:
     s = args.image_size
     say(f"reading {args.checkpoint}")
     try:
-        name = get_spec(args.model).name
+        name = get_spec(args.model_name).name
         sd = torch_checkpoint.strip_prefix(torch_checkpoint.read_torch_checkpoint(args.checkpoint))
-        if args.converted:
-            model = api.load_model(args.converted, image_size=s)
+        if args.model:
+            model = api.load_model(args.model, image_size=s)
             if model.model_name != name:
-                raise api.CheckpointError(f"{args.converted} holds {model.model_name}, not --model {name}")
+                raise api.CheckpointError(f"{args.model} holds {model.model_name}, not --model-name {name}")
             torch_checkpoint.convert_state_dict(sd, name, s, source=args.checkpoint)  # the same checks on the file
         else:
             model = torch_checkpoint.convert_state_dict(sd, name, s, source=args.checkpoint)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         entry.variable.set_value(entry.variable.get_value() + 0.05)
 
     print(f"{name} at {s}x{s}: PyTorch (sam2 package) vs medsam2-jax"
-          f"{' (' + args.converted + ')' if args.converted else ''}, weights from {args.checkpoint}")
+          f"{' (' + args.model + ')' if args.model else ''}, weights from {args.checkpoint}")
     rng = np.random.default_rng(args.seed)
     images = np.stack([rng.standard_normal((s, s, 3)).astype(np.float32),
                        np.asarray(normalize_images(parity.smooth_image(s)), np.float32)])

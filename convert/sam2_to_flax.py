@@ -2,14 +2,14 @@
 """Convert a PyTorch SAM 2 / SAM 2.1 / Medical-SAM2 checkpoint into a medsam2-jax model directory.
 
 Example:
-  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --out models/tiny
+  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t --out models/tiny
 
 Reads Meta's files ({"model": state_dict}), bare state dicts and Medical-SAM2 fine-tuned files
 ({"model": ..., "parameter": ...}, bf16 tensors, a DataParallel "module." prefix). The conversion is strict:
 every tensor of the file must map to exactly one Flax parameter with the right shape and finite values, and
 every Flax parameter must be filled; otherwise the command fails (exit status 2) and names the offending keys.
 The model size and version are checked against the tensor shapes ("... holds a sam2.1_hiera_s model, not
-sam2.1_hiera_t: convert it as --model sam2.1_hiera_s").
+sam2.1_hiera_t: convert it as --model-name sam2.1_hiera_s").
 
 The output directory holds an orbax checkpoint (params/, PyTorch key names) and medsam2.json; load it with
 `medsam2_jax.load_model(DIR)` (optionally at another image size: `load_model(DIR, image_size=512)`).
@@ -29,7 +29,7 @@ MODEL_HELP = ("model name: sam2.1_hiera_{t,s,b+,l} or sam2_hiera_{t,s,b+,l} (SAM
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="PyTorch .pt/.pth file")
-    ap.add_argument("--model", required=True, help=MODEL_HELP)
+    ap.add_argument("--model-name", required=True, metavar="NAME", help=MODEL_HELP)
     ap.add_argument("--image-size", type=int, default=1024,
                     help="input size S recorded as the default for load_model (a multiple of 32; default 1024)")
     ap.add_argument("--out", required=True, help="output directory (created; its params/ is replaced)")
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     try:
         sd = torch_checkpoint.strip_prefix(torch_checkpoint.read_torch_checkpoint(args.checkpoint))
-        model = torch_checkpoint.convert_state_dict(sd, args.model, args.image_size, source=args.checkpoint)
+        model = torch_checkpoint.convert_state_dict(sd, args.model_name, args.image_size, source=args.checkpoint)
         out = api.save_model(model, args.out, source=os.path.basename(args.checkpoint))
     except (api.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print(f"converted {len(sd)} tensors ({n:,} values) of {model.model_name} -> {out}")
     print(f"next: python -m medsam2_jax.demo --model {out}   (a phantom CT, with overlays)\n"
           f"      medsam2-segment SCAN.nii.gz --model {out} --slice K --box X0 Y0 X1 Y1 --out mask.nii.gz\n"
-          f"      python convert/parity.py --checkpoint {args.checkpoint} --model {model.model_name}   "
+          f"      python convert/parity.py --checkpoint {args.checkpoint} --model-name {model.model_name}   "
           "(check the conversion against PyTorch)")
     if args.export_torch:
         torch_checkpoint.export_torch_checkpoint(model, args.export_torch)

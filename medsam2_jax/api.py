@@ -33,7 +33,7 @@ from .model.sizes import get_spec
 FORMAT_VERSION = 1
 META_FILE = "medsam2.json"
 PARAMS_DIR = "params"
-_CONVERT_HINT = "python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR"
+_CONVERT_HINT = "python convert/sam2_to_flax.py --checkpoint FILE.pt --model-name NAME --out DIR"
 _SHOWN = 12  # keys listed per kind of problem in an error message
 
 

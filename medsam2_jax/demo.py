@@ -32,7 +32,7 @@ Outputs in ``DIR``: ``prediction.nii.gz`` (uint8, the input's shape, affine and 
 initialised (:func:`medsam2_jax.api.random_model`): the demo then shows that the whole pipeline runs end to
 end, and its Dice is meaningless (a random model may call the object absent and return an empty mask, or
 return noise). The output and the report say so. With ``--model DIR`` it loads converted weights
-(``python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t --out DIR``).
+(``python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t --out DIR``).
 
 The default run (tiny model, 256 px, 24 slices) takes about a minute on two CPU cores, most of it compiling
 the image encoder and the tracker; XLA compilations are cached on disk (``--compile-cache``), so a second run
@@ -72,12 +72,12 @@ class UsageError(SystemExit):
 
 NEXT_STEPS = """
 Next:
-  convert real weights  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model sam2.1_hiera_t \\
+  convert real weights  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t \\
                             --out models/tiny     (then: python -m medsam2_jax.demo --model models/tiny)
   segment your own scan medsam2-segment scan.nii.gz --model models/tiny --slice 60 --box 80 90 150 170 \\
                             --out mask.nii.gz     (medsam2-segment --help)
   train                 python train.py --config=configs/demo.py --workdir=runs/demo   (configs/ for the others)
-  evaluate              python eval.py --config=configs/eval_phantoms.py --checkpoint=models/tiny --workdir=out/eval"""
+  evaluate              python eval.py --config=configs/eval_phantoms.py --model=models/tiny --workdir=out/eval"""
 
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: no pretrained checkpoint was given (--model DIR) and none can be downloaded here, so the "
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a report. Runs on CPU with no network.",
         epilog="Without --model the weights are RANDOM (no pretrained checkpoint can be downloaded here): the "
         "pipeline runs end to end but the scores are meaningless. Convert real SAM 2 / Medical-SAM2 weights with "
-        "`python convert/sam2_to_flax.py --checkpoint FILE.pt --model sam2.1_hiera_t --out DIR` and pass "
+        "`python convert/sam2_to_flax.py --checkpoint FILE.pt --model-name sam2.1_hiera_t --out DIR` and pass "
         "--model DIR.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -151,7 +151,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.model is not None and not (Path(args.model) / "medsam2.json").is_file():
         raise UsageError(
             f"error: --model {args.model}: not a converted model directory (no medsam2.json); convert a PyTorch "
-            "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`"
+            "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model-name NAME --out DIR`"
         )
     _resolve_image_size(args)
     if args.image_size < 32 or args.image_size % 32:

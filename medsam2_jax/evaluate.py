@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on 3D volumes: ``python eval.py --config=configs/eval_<x>.py --checkpoint=DIR --workdir=DIR``.
+"""Evaluate a model on 3D volumes: ``python eval.py --config=configs/eval_<x>.py --model=DIR --workdir=DIR``.
 
 Protocol (also written into the output and ``summary.json``; see :func:`protocol_text`)
 -------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ CSV_FIELDS = ("case", "structure", "method", "dice", "iou", "hd95_mm", "prompt_s
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS (--random_weights): the model is randomly initialised, so every model row (fifo, "
     "self_sorting, ...) is MEANINGLESS; this run only shows that the pipeline works. The copy_mask baseline "
-    "does not use the model. Pass --checkpoint DIR (convert/sam2_to_flax.py output or WORKDIR/model of train.py).")
+    "does not use the model. Pass --model=DIR (convert/sam2_to_flax.py output or WORKDIR/model of train.py).")
 
 
 class UsageError(ValueError):
@@ -491,7 +491,7 @@ def _with_size(cfg: Any, size: int) -> Any:
     return c
 
 
-def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, random_weights: bool = False,
+def run(cfg: Any, workdir: str | os.PathLike, model_dir: str | None = None, random_weights: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Evaluate; writes ``per_case.csv``, ``summary.json`` and ``overlays/`` in ``workdir``; returns the summary."""
     from tqdm import tqdm
@@ -499,8 +499,8 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
     from . import api
 
     methods = check_config(cfg)
-    if (checkpoint is None) == (not random_weights):
-        raise UsageError("--checkpoint: give exactly one of --checkpoint=DIR (a model directory from "
+    if (model_dir is None) == (not random_weights):
+        raise UsageError("--model: give exactly one of --model=DIR (a model directory from "
                          "convert/sam2_to_flax.py or train.py's WORKDIR/model) or --random_weights")
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -516,14 +516,14 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
         model = api.random_model(cfg.model, size or 256, seed=int(cfg.seed))
         source = f"random weights ({cfg.model}, seed {cfg.seed})"
     else:
-        if not (Path(checkpoint) / "medsam2.json").is_file():
-            raise UsageError(f"--checkpoint: {checkpoint}: not a model directory (no medsam2.json); convert a "
+        if not (Path(model_dir) / "medsam2.json").is_file():
+            raise UsageError(f"--model: {model_dir}: not a model directory (no medsam2.json); convert a "
                              "checkpoint with convert/sam2_to_flax.py or use train.py's WORKDIR/model")
         try:
-            model = api.load_model(checkpoint, image_size=size or None)
+            model = api.load_model(model_dir, image_size=size or None)
         except (api.CheckpointError, ValueError, KeyError) as e:
-            raise UsageError(f"--checkpoint: {e}") from e
-        source = str(checkpoint)
+            raise UsageError(f"--model: {e}") from e
+        source = str(model_dir)
     compute_dtype = str(cfg.get("compute_dtype", "float32"))
     if model is not None:  # bfloat16: the whole model computes in bf16 (tracking.cast_model; I/O stays float32)
         from . import tracking
@@ -556,7 +556,7 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
     summ = summarize(rows, methods)
     pngs = write_overlays(wd / "overlays", rows, random_weights)
     summary = {
-        "random_weights": bool(random_weights), "checkpoint": None if random_weights else str(checkpoint),
+        "random_weights": bool(random_weights), "model": None if random_weights else str(model_dir),
         "model": source, "image_size": size,
         "warning": RANDOM_WEIGHTS_WARNING if random_weights and needs_model else None,
         "protocol": protocol(cfg), "cases": [c.name for c in cases], "rows": len(rows),
@@ -573,9 +573,9 @@ def run(cfg: Any, workdir: str | os.PathLike, checkpoint: str | None = None, ran
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-USAGE = """Evaluate a Medical SAM 2 checkpoint on 3D volumes from one prompt per structure, with baselines.
+USAGE = """Evaluate a Medical SAM 2 model on 3D volumes from one prompt per structure, with baselines.
 
-  python eval.py --config=configs/eval_phantoms.py --checkpoint=models/sam2.1_tiny --workdir=out/eval
+  python eval.py --config=configs/eval_phantoms.py --model=models/sam2.1_tiny --workdir=out/eval
   python eval.py --config=configs/eval_phantoms.py --random_weights --workdir=out/eval   # pipeline only
 
 Configs: configs/eval_phantoms.py (CPU, minutes), configs/eval_realct.py (the real CT, more methods).
@@ -596,22 +596,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     def define(fv):
         flags.DEFINE_string("workdir", None, "output directory: per_case.csv, summary.json, overlays/",
                             flag_values=fv)
-        flags.DEFINE_string("checkpoint", None, "model directory (convert/sam2_to_flax.py output or train.py's "
+        flags.DEFINE_string("model", None, "model directory (convert/sam2_to_flax.py output or train.py's "
                             "WORKDIR/model)", flag_values=fv)
-        flags.DEFINE_boolean("random_weights", False, "a randomly initialised model instead of --checkpoint "
+        flags.DEFINE_string("checkpoint", None, "the former name of --model (still accepted, with a note); "
+                            "every command now calls a model directory --model and a PyTorch .pt file "
+                            "--checkpoint", flag_values=fv)
+        flags.DEFINE_boolean("random_weights", False, "a randomly initialised model instead of --model "
                              "(meaningless model rows; to try the pipeline)", flag_values=fv)
         flags.DEFINE_boolean("progress", True, "show a tqdm progress bar", flag_values=fv)
 
     fv = parse(argv, prog=PROG, usage=USAGE, config_help="path to an eval config (configs/eval_*.py)",
                fields_from="configs/eval_phantoms.py", example_config="configs/eval_phantoms.py", define=define,
                required={"workdir": "--workdir=out/eval"})
-    config, workdir, ckpt, rnd, progress = (fv[n] for n in ("config", "workdir", "checkpoint", "random_weights",
-                                                                "progress"))
-    if ckpt.value is None and not rnd.value:
-        _usage_error("--checkpoint is required (a model directory from convert/sam2_to_flax.py or train.py's "
+    config, workdir, model, old, rnd, progress = (fv[n] for n in ("config", "workdir", "model", "checkpoint",
+                                                                   "random_weights", "progress"))
+    model_dir = model.value
+    if old.value is not None:
+        if model_dir is not None:
+            _usage_error("--checkpoint is the former name of --model: pass only --model=DIR")
+        print(f"{PROG}: note: --checkpoint=DIR is now --model=DIR (one meaning per flag in every command: "
+              "--model is a model directory, --checkpoint a PyTorch .pt file)", file=sys.stderr)
+        model_dir = old.value
+    if model_dir is None and not rnd.value:
+        _usage_error("--model is required (a model directory from convert/sam2_to_flax.py or train.py's "
                      "WORKDIR/model), or pass --random_weights to try the pipeline without one")
     try:
-        run(config.value, workdir.value, ckpt.value, rnd.value, progress=progress.value)
+        run(config.value, workdir.value, model_dir, rnd.value, progress=progress.value)
     except UsageError as e:
         _usage_error(str(e))
     return 0

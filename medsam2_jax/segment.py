@@ -268,11 +268,11 @@ def _read_model_meta(ap: argparse.ArgumentParser, model_dir: str) -> dict[str, A
     d = Path(model_dir)
     if not d.is_dir():
         ap.error(f"argument --model: {model_dir}: no such model directory (convert a checkpoint with "
-                 "`python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`)")
+                 "`python convert/sam2_to_flax.py --checkpoint FILE.pt --model-name NAME --out DIR`)")
     meta_path = d / "medsam2.json"
     if not meta_path.is_file():
         ap.error(f"argument --model: {model_dir}: not a converted model directory (no medsam2.json); convert a "
-                 "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model NAME --out DIR`")
+                 "checkpoint with `python convert/sam2_to_flax.py --checkpoint FILE.pt --model-name NAME --out DIR`")
     try:
         meta = json.loads(meta_path.read_text())
         meta["model_name"], meta["image_size"] = str(meta["model_name"]), int(meta["image_size"])

@@ -88,7 +88,7 @@ def ckpt(tmp_path_factory):
 
 
 def _convert(ckpt_file, out, *extra) -> int:
-    return sam2_to_flax.main(["--checkpoint", str(ckpt_file), "--model", NAME, "--image-size", str(S),
+    return sam2_to_flax.main(["--checkpoint", str(ckpt_file), "--model-name", NAME, "--image-size", str(S),
                               "--out", str(out), *extra])
 
 
@@ -247,7 +247,7 @@ def tiny_shapes():
 
 
 def _fails(ckpt_file, tmp_path, capsys, *, model=NAME) -> str:
-    rc = sam2_to_flax.main(["--checkpoint", str(ckpt_file), "--model", model, "--image-size", str(S),
+    rc = sam2_to_flax.main(["--checkpoint", str(ckpt_file), "--model-name", model, "--image-size", str(S),
                             "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -268,19 +268,19 @@ def test_another_size_is_named(other, long, tmp_path, capsys):
     path = _save(tmp_path, f"{long}.pt", {"model": _zeros_sd(_key_shapes(other))})
     assert path.stat().st_size < 1_000_000
     err = _fails(path, tmp_path, capsys)
-    assert f"holds a {other} ({long}" in err and f"not {NAME}" in err and f"--model {other}" in err
+    assert f"holds a {other} ({long}" in err and f"not {NAME}" in err and f"--model-name {other}" in err
 
 
 def test_sam20_file_with_sam21_name(tiny_shapes, tmp_path, capsys):
     v20 = {k: s for k, s in tiny_shapes.items() if not k.startswith(("obj_ptr_tpos_proj.", "no_obj_embed_spatial"))}
     err = _fails(_save(tmp_path, "v20.pt", {"model": _zeros_sd(v20)}), tmp_path, capsys)
-    assert "SAM 2.0 checkpoint" in err and "--model sam2_hiera_t" in err and "obj_ptr_tpos_proj" in err
+    assert "SAM 2.0 checkpoint" in err and "--model-name sam2_hiera_t" in err and "obj_ptr_tpos_proj" in err
 
 
 def test_sam21_file_with_sam20_name(tiny_shapes, tmp_path, capsys):
     err = _fails(_save(tmp_path, "v21.pt", {"model": _zeros_sd(tiny_shapes)}), tmp_path, capsys,
                  model="sam2_hiera_tiny")
-    assert "SAM 2.1 checkpoint" in err and "--model sam2.1_hiera_t" in err
+    assert "SAM 2.1 checkpoint" in err and "--model-name sam2.1_hiera_t" in err
 
 
 @pytest.mark.parametrize("kind", ["other-model", "list", "text", "pickled-module", "non-tensor-entry", "int-tensor"])
@@ -368,9 +368,9 @@ def test_all_problems_listed_together(tiny_shapes, tmp_path, capsys):
 
 def test_bad_arguments(ckpt, tmp_path, capsys):
     f = ckpt["files"]["meta"]
-    assert sam2_to_flax.main(["--checkpoint", str(f), "--model", "sam3_hiera_t", "--out", str(tmp_path)]) == 2
+    assert sam2_to_flax.main(["--checkpoint", str(f), "--model-name", "sam3_hiera_t", "--out", str(tmp_path)]) == 2
     assert "unknown model name 'sam3_hiera_t'" in capsys.readouterr().err
-    assert sam2_to_flax.main(["--checkpoint", str(f), "--model", NAME, "--image-size", "1000",
+    assert sam2_to_flax.main(["--checkpoint", str(f), "--model-name", NAME, "--image-size", "1000",
                               "--out", str(tmp_path / "o")]) == 2
     assert "image_size must be a positive multiple of 32" in capsys.readouterr().err
 
@@ -403,14 +403,14 @@ def test_parity_cli_help():
     r = subprocess.run([sys.executable, str(ROOT / "convert" / "parity.py"), "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0
-    for flag in ("--checkpoint", "--model", "--image-size", "--video", "--frames", "--converted"):
+    for flag in ("--checkpoint", "--model-name", "--model DIR", "--image-size", "--video", "--frames"):
         assert flag in r.stdout
 
 
 def test_parity_cli_fails_on_corrupted_weights(ckpt, capsys):
     """The check is able to fail: one converted tensor shifted by 0.05 makes the image path rows fail and
     the exit status 1 (in process, so the compiled programs of the tests above are reused)."""
-    rc = parity_cli.main(["--checkpoint", str(ckpt["files"]["meta"]), "--model", NAME, "--image-size", str(S),
+    rc = parity_cli.main(["--checkpoint", str(ckpt["files"]["meta"]), "--model-name", NAME, "--image-size", str(S),
                           "--corrupt-for-test"])
     out = capsys.readouterr().out
     assert rc == 1, out
@@ -420,23 +420,23 @@ def test_parity_cli_fails_on_corrupted_weights(ckpt, capsys):
 def test_parity_cli_bad_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("x")
-    assert parity_cli.main(["--checkpoint", str(bad), "--model", NAME, "--image-size", str(S)]) == 2
+    assert parity_cli.main(["--checkpoint", str(bad), "--model-name", NAME, "--image-size", str(S)]) == 2
     assert "cannot be read" in capsys.readouterr().err
-    assert parity_cli.main(["--checkpoint", str(bad), "--model", NAME, "--image-size", "100"]) == 2
+    assert parity_cli.main(["--checkpoint", str(bad), "--model-name", NAME, "--image-size", "100"]) == 2
     assert "--image-size must be a positive multiple of 32" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_parity_cli_passes_with_video(ckpt, converted):
     """The user's command on a perturbed checkpoint, in a fresh process: every row passes, video included,
-    checking the converted directory (--converted) rather than an in-memory conversion."""
+    checking the converted directory (--model DIR) rather than an in-memory conversion."""
     out, _ = converted
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                JAX_COMPILATION_CACHE_DIR=os.environ.get("MEDSAM2_JAX_CACHE", str(ROOT / ".jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     r = subprocess.run([sys.executable, str(ROOT / "convert" / "parity.py"), "--checkpoint",
-                        str(ckpt["files"]["meta"]), "--model", NAME, "--image-size", str(S), "--video",
-                        "--frames", "3", "--converted", str(out), "--json", str(ckpt["dir"] / "rows.json")],
+                        str(ckpt["files"]["meta"]), "--model-name", NAME, "--image-size", str(S), "--video",
+                        "--frames", "3", "--model", str(out), "--json", str(ckpt["dir"] / "rows.json")],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "PASS"

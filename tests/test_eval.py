@@ -185,19 +185,26 @@ def test_methods_parse():
 
 def test_usage_errors_in_process(tmp_path, capsys):
     base = ["eval.py", f"--config={CONFIG}", f"--workdir={tmp_path}"]
-    for extra, needle in (([], "--checkpoint"),
+    for extra, needle in (([], "--model"),
                           (["--random_weights", "--config.methods=('copy_mask','sam3')"], "config.methods"),
                           (["--random_weights", "--config.prompt.kind=scribble"], "config.prompt.kind"),
-                          (["--checkpoint=" + str(tmp_path)], "--checkpoint")):
+                          (["--model=" + str(tmp_path)], "--model"),
+                          (["--model=" + str(tmp_path), "--checkpoint=" + str(tmp_path)], "former name of --model")):
         with pytest.raises(SystemExit) as e:
             evaluate.main(base + extra)
         assert e.value.code == 2
         assert needle in capsys.readouterr().err
+    # the former spelling --checkpoint=DIR is still read as --model=DIR, with a note
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(base + ["--checkpoint=" + str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--checkpoint=DIR is now --model=DIR" in err and "--model: " in err
+    assert "not a model directory" in err
 
 
 def test_cli_help_and_unknown_field(tmp_path):
     r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "--checkpoint" in r.stdout and "--random_weights" in r.stdout
+    assert r.returncode == 0 and "--model" in r.stdout and "--random_weights" in r.stdout
     r = subprocess.run([sys.executable, "eval.py", f"--config={CONFIG}", "--random_weights",
                         f"--workdir={tmp_path}", "--config.no_such_field=1"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
@@ -206,8 +213,8 @@ def test_cli_help_and_unknown_field(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_directory(run, tmp_path):
-    """--checkpoint=DIR (a model directory as convert/sam2_to_flax.py and train.py write it): same predictions as
+def test_model_directory(run, tmp_path):
+    """--model=DIR (a model directory as convert/sam2_to_flax.py and train.py write it): same predictions as
     the same weights built in memory; the output does not claim random weights."""
     from medsam2_jax import api
 
@@ -220,11 +227,11 @@ def test_checkpoint_directory(run, tmp_path):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert evaluate.main(["eval.py", f"--config={CONFIG}", f"--checkpoint={model_dir}", f"--workdir={wd}",
+        assert evaluate.main(["eval.py", f"--config={CONFIG}", f"--model={model_dir}", f"--workdir={wd}",
                               "--config.phantoms=0", f"--config.dataset_dirs=('{block}',)", *COMMON]) == 0
     assert "RANDOM WEIGHTS" not in buf.getvalue()
     summary = json.loads((wd / "summary.json").read_text())
-    assert summary["random_weights"] is False and summary["checkpoint"] == str(model_dir)
+    assert summary["random_weights"] is False and summary["model"] == str(model_dir)
     rows = list(csv.DictReader(open(wd / "per_case.csv")))
     ref = {(r["structure"], r["method"]): r for r in rows0 if r["structure"] == "block"}
     for r in rows:

@@ -130,11 +130,11 @@ def _check_size(shapes: Mapping[str, tuple], model_name: str, source: str) -> No
                 else "has no obj_ptr_tpos_proj / no_obj_embed_spatial tensors")
         raise CheckpointError(
             f"{source} is a SAM {real.version} checkpoint ({what}), not SAM {spec.version}: "
-            f"convert it as --model {actual} (model_name={actual!r}) instead of {spec.name}"
+            f"convert it as --model-name {actual} (model_name={actual!r}) instead of {spec.name}"
         )
     raise CheckpointError(
         f"{source} holds a {_describe(actual)} model, not {_describe(spec.name)}: "
-        f"convert it as --model {actual} (model_name={actual!r})"
+        f"convert it as --model-name {actual} (model_name={actual!r})"
     )
 
 
