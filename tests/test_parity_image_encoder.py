@@ -192,7 +192,14 @@ def _hiera_config(name: str) -> dict:
     neck = OmegaConf.to_container(cfg.model.image_encoder.neck)
     return {**args, "backbone_channel_list": neck["backbone_channel_list"], "scalp": cfg.model.image_encoder.scalp,
             "fpn_top_down_levels": neck["fpn_top_down_levels"], "d_model": neck["d_model"],
-            "version_2_1": bool(cfg.model.get("proj_tpos_enc_in_obj_ptrs", False))}
+            "version_2_1": bool(cfg.model.get("proj_tpos_enc_in_obj_ptrs", False)),
+            "flags_2_1": {k: bool(cfg.model.get(k, False)) for k in _FLAGS_2_1}}
+
+
+# The SAM2Base constructor arguments a SAM 2.1 config turns on (all off in 2.0): `ModelSpec.is_2_1` stands for
+# all four.
+_FLAGS_2_1 = ("no_obj_embed_spatial", "add_tpos_enc_to_obj_ptrs", "proj_tpos_enc_in_obj_ptrs",
+              "use_signed_tpos_enc_to_obj_ptrs")
 
 
 @pytest.mark.parametrize("name", list(TORCH_CONFIGS))
@@ -210,7 +217,7 @@ def test_spec_equals_package_config(name):
     assert spec.fpn_top_down_levels == tuple(cfg["fpn_top_down_levels"])
     assert (spec.scalp, spec.d_model) == (cfg["scalp"], cfg["d_model"])
     assert spec.version == ("2.1" if cfg["version_2_1"] else "2.0")
-    assert spec.proj_tpos_enc_in_obj_ptrs == spec.no_obj_embed_spatial == cfg["version_2_1"]
+    assert cfg["flags_2_1"] == {k: spec.is_2_1 for k in _FLAGS_2_1}
 
 
 def test_spec_aliases_and_unknown_name():

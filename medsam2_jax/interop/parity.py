@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..model.prompt_labels import LABEL_PAD
 from .torch_models import nchw_to_nhwc, nhwc_to_nchw, to_numpy
 
 TOL = {"embedding": 1e-4, "logits": 1e-3, "score": 1e-4, "positional": 1e-5}
@@ -169,14 +170,14 @@ def torch_predict(torch_model, tfeats: dict[str, Any], *, points=None, labels=No
 
 
 def pad_points(points: np.ndarray | None, labels: np.ndarray | None, b: int, extra: int):
-    """Append ``extra`` padding slots (label -1) to (B, P, 2) / (B, P) clicks (``None`` counts as P = 0);
+    """Append ``extra`` padding slots (label ``LABEL_PAD``) to (B, P, 2) / (B, P) clicks (``None`` counts as P = 0);
     returns ``(None, None)`` when there is nothing at all."""
     if points is None:
         points, labels = np.zeros((b, 0, 2), np.float32), np.zeros((b, 0), np.int32)
     if points.shape[1] + extra == 0:
         return None, None
     pts = np.concatenate([np.asarray(points, np.float32), np.zeros((b, extra, 2), np.float32)], 1)
-    lab = np.concatenate([np.asarray(labels, np.int32), -np.ones((b, extra), np.int32)], 1)
+    lab = np.concatenate([np.asarray(labels, np.int32), np.full((b, extra), LABEL_PAD, np.int32)], 1)
     return pts, lab
 
 

@@ -55,26 +55,11 @@ class ModelSpec:
     def q_pool_blocks(self) -> tuple[int, ...]:
         return tuple(e + 1 for e in self.stage_ends[:-1])
 
-    # --- version flags (SAM2Base constructor arguments that differ between 2.0 and 2.1) ---------------
+    # --- version (SAM 2.1 turns on four SAM2Base arguments together: no_obj_embed_spatial and the three
+    # object-pointer temporal-encoding flags; the model builds and uses them when this is true) --------------
     @property
     def is_2_1(self) -> bool:
         return self.version == "2.1"
-
-    @property
-    def no_obj_embed_spatial(self) -> bool:
-        return self.is_2_1
-
-    @property
-    def add_tpos_enc_to_obj_ptrs(self) -> bool:
-        return self.is_2_1
-
-    @property
-    def proj_tpos_enc_in_obj_ptrs(self) -> bool:
-        return self.is_2_1
-
-    @property
-    def use_signed_tpos_enc_to_obj_ptrs(self) -> bool:
-        return self.is_2_1
 
 
 # (short suffix, long alias, embed_dim, num_heads, stages, global_att_blocks, window_spec, bkg size)

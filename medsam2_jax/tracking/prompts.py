@@ -8,7 +8,7 @@ import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.prompt_labels import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
+from ..model.prompt_labels import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
 from .config import Array, TrackerConfig
 
 
@@ -167,4 +167,4 @@ def check_tracker_prompts(prompts: Prompts, num_frames: int, image_size: int) ->
 
 
 def _num_real_points(labels: Array) -> Array:
-    return jnp.sum(labels != -1, axis=-1)
+    return jnp.sum(labels != LABEL_PAD, axis=-1)
