@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 # then segments a phantom CT with the trained model (out/demo/).
 demo: $(STAMP)
 	$(BIN)/python train.py --config=configs/demo.py --workdir=out/demo_train
-	$(BIN)/python -m medsam2_jax.demo --model out/demo_train/model --out out/demo
+	$(BIN)/python -m medsam2_jax.apps.demo --model out/demo_train/model --out out/demo
 
 # Evaluates random weights on 4 phantoms (copy-mask, fifo, self-sorting; about 4 minutes on 2 CPU cores): the
 # pipeline and the baseline only, the model rows are meaningless. Pass a real model with

@@ -40,3 +40,17 @@ def write_result(out: pathlib.Path, result: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
+
+
+def write_run(out: pathlib.Path, fields: dict, info: dict, load_before, load_after, rows, table: str) -> None:
+    """Write a side-by-side run: its own ``fields`` plus what every such run records (the machine, the load
+    average before and after, the result rows and the Markdown table)."""
+    write_result(out, {**fields, "machine": info, "load_average_before": load_before,
+                       "load_average_after": load_after, "results": rows, "table_markdown": table})
+
+
+def check_image_sizes(sizes, flag: str = "--image-sizes") -> None:
+    """Exit with a message naming ``flag`` unless every size is a positive multiple of 32."""
+    for s in sizes:
+        if s <= 0 or s % 32:
+            raise SystemExit(f"{flag}: {s} is not a positive multiple of 32")

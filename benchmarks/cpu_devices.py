@@ -17,6 +17,8 @@ import argparse
 import pathlib
 import time
 
+from benchmarks.common import check_image_sizes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="square frame size (multiple of 32)")
     p.add_argument("--frames", type=int, default=8, help="frames per timed call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls (the fastest is reported)")
-    p.add_argument("--model", default="sam2.1_hiera_t", help="model name (random weights)")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="model name (random weights)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".jax_cache",
                    help="persistent JAX compilation cache")
     return p.parse_args(argv)
@@ -50,8 +53,7 @@ def best_ms_per_frame(fn, repeats: int, frames: int) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.image_size <= 0 or args.image_size % 32:
-        raise SystemExit(f"--image-size: {args.image_size} is not a positive multiple of 32")
+    check_image_sizes([args.image_size], "--image-size")
     if args.devices < 1 or args.frames < 1 or args.repeats < 1:
         raise SystemExit("--devices, --frames and --repeats must be >= 1")
     import jax

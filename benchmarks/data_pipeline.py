@@ -1,7 +1,7 @@
 """Input-pipeline throughput: training sequences per second with 0, 1 and 2 grain workers, against the model.
 
     python -m benchmarks.data_pipeline                       # S=256, T=8, phantoms, hiera_t, JSON to out/bench/
-    python -m benchmarks.data_pipeline --workers 0 2 --batches 20 --source memory --model none
+    python -m benchmarks.data_pipeline --workers 0 2 --batches 20 --source memory --model-name none
 
 The question it answers (issue 5, item 9): is the pipeline fast enough that a training step never waits
 for it? Each configuration builds the real pipeline (:mod:`medsam2_jax.data.pipeline`: balanced sampling,
@@ -17,11 +17,11 @@ Comparison with the model: :func:`run` takes ``model_step``, a callable that run
 backward pass on one batch (the dict the pipeline yields) and returns something ``jax.block_until_ready``
 accepts. When given, it is compiled on the first batch, timed on the next ones, and the table shows the
 model's sequences/s next to the pipeline's and their ratio (> 1: the pipeline keeps up). By default it is
-:func:`make_model_step` (``--model sam2.1_hiera_t``, a random model at the same S): per sequence of the
+:func:`make_model_step` (``--model-name sam2.1_hiera_t``, a random model at the same S): per sequence of the
 batch, encode the T frames, propagate from the prompted frames with the paper's self-sorting memory bank,
 BCE + Dice of the low-res logits against the downsampled masks, ``jax.grad`` w.r.t. the ``nnx.Param`` s —
 a stand-in for the training step (the training issue builds the real one; this one has no optimizer
-update). ``--model-step module:function`` imports another callable; ``--model none`` skips the model.
+update). ``--model-step module:function`` imports another callable; ``--model-name none`` skips the model.
 
 Then, because a separate throughput number does not show contention (the workers and the model share the
 CPUs of this machine), the pipeline with the most workers is run *while* the model trains on its batches
@@ -172,9 +172,7 @@ def make_model_step(model_name: str = "sam2.1_hiera_t", image_size: int = 256, *
     from medsam2_jax.train.batch import MODEL_KEYS
     from medsam2_jax.train.step import loss_and_terms, tracker_config as train_tracker, train_mode
 
-    model = api.random_model(model_name, image_size, seed=seed)
-    head_bias = model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias
-    head_bias.set_value(head_bias.get_value() + object_bias)
+    model = api.random_model(model_name, image_size, seed=seed, object_bias=object_bias)
     train_mode(model)
     base = tracking.TrackerConfig(max_cond_frames=num_slots, cond_slots="max") if tracker_config is None \
         else tracker_config
@@ -333,10 +331,10 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=4, help="cases per modality")
     ap.add_argument("--shape", type=int, nargs=3, default=[192, 192, 48], help="phantom voxels (x y z)")
     ap.add_argument("--cache", type=int, default=2)
-    ap.add_argument("--model", default="sam2.1_hiera_t",
+    ap.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
                     help="model of the built-in forward+backward step (make_model_step), or 'none'")
     ap.add_argument("--model-step", default=None, help="module:function running forward+backward on a batch "
-                    "(instead of --model)")
+                    "(instead of --model-name)")
     ap.add_argument("--model-batches", type=int, default=3, help="batches timed for the model")
     ap.add_argument("--overlap-batches", type=int, default=3,
                     help="batches trained on the pipeline with the most workers (0: skip)")

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU smoke run: tiny sizes (64 px, encoder batches 1 and 2, 4 frames, training batch 2), same code "
                         "paths")
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "device_suite.json")
-    p.add_argument("--model", default="sam2.1_hiera_t")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t")
     p.add_argument("--image-size", type=int, default=None, help="default 1024 (smoke: 64)")
     p.add_argument("--encoder-batches", type=int, nargs="+", default=None, help="default 1 8 32 (smoke: 1 2)")
     p.add_argument("--frames", type=int, default=None, help="slices tracked in propagation (default 64; smoke 4)")

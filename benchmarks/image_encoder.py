@@ -22,6 +22,8 @@ import statistics
 import sys
 import time
 
+from benchmarks.common import check_image_sizes, machine_info, write_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -161,9 +163,7 @@ def main(argv=None) -> int:
 
     from medsam2_jax.model.sizes import get_spec
 
-    for s in args.image_sizes:
-        if s <= 0 or s % 32:
-            raise SystemExit(f"--image-sizes: {s} is not a positive multiple of 32")
+    check_image_sizes(args.image_sizes)
     for b in args.batch_sizes:
         if b <= 0:
             raise SystemExit(f"--batch-sizes: {b} is not a positive batch size")
@@ -185,7 +185,6 @@ def main(argv=None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    from benchmarks.common import machine_info, write_result
 
     info = machine_info()
     load_before = os.getloadavg()
@@ -220,13 +219,8 @@ def main(argv=None) -> int:
         "timing": ("median wall time per call, JAX and PyTorch calls alternating; img/s = batch / median; "
                    "best-of-run ratio from the fastest call of each; "
                    "JAX compile = jit(...).lower().compile() wall time"),
-        "machine": info,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "results": rows,
-        "table_markdown": table,
     }
-    write_result(args.out, result)
+    write_run(args.out, result, info, load_before, load_after, rows, table)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Cost of the memory bank: its share of a tracking step, and propagation speed with self_sorting vs fifo.
 
     python -m benchmarks.memory_bank                         # S=256, hiera_t (random), T=32, K=16
-    python -m benchmarks.memory_bank --K 6 16 32 --frames 48 --checkpoint models/sam2.1_t
+    python -m benchmarks.memory_bank --K 6 16 32 --frames 48 --model models/sam2.1_t
 
 The question (issue 4, item 6): is the paper's bank cheap next to the model — a few percent of a step at
 K = 16 — and how fast does propagation run with it compared with SAM 2's FIFO?
@@ -39,8 +39,7 @@ import numpy as np
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from medsam2_jax import tracking  # noqa: E402
-from medsam2_jax.diagnostics import quick_random_model  # noqa: E402
+from medsam2_jax import api, tracking  # noqa: E402
 from medsam2_jax.memory import bank as bank_lib  # noqa: E402
 from medsam2_jax.memory.bank import BankConfig  # noqa: E402
 from medsam2_jax.tracking import TrackerConfig  # noqa: E402
@@ -107,8 +106,10 @@ def bank_only(cfg: TrackerConfig, top: jax.Array, mem_dim: int, hidden: int):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--model", default="sam2.1_hiera_t")
-    p.add_argument("--checkpoint", default=None, help="converted model folder; default: random model")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="random model size (without --model)")
+    p.add_argument("--model", dest="model_dir", metavar="DIR", default=None,
+                   help="converted model directory; default: a random model")
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--K", type=int, nargs="+", default=[16])
     p.add_argument("--repeats", type=int, default=3)
@@ -117,12 +118,10 @@ def main(argv=None) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
 
     s, t = args.image_size, args.frames
-    if args.checkpoint:
-        from medsam2_jax.api import load_model
-
-        model = load_model(args.checkpoint, image_size=s)
+    if args.model_dir:
+        model = api.load_model(args.model_dir, image_size=s)
     else:
-        model = quick_random_model(args.model, s, seed=0, object_bias=2.0)
+        model = api.random_model(args.model, s, seed=0, init="flax", object_bias=2.0)
     frames = jnp.asarray(make_frames(t, s))
     enc_med, enc_min = timed(lambda: tracking.encode_frames(model, frames), args.repeats)
     feats = tracking.encode_frames(model, frames)

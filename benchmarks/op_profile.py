@@ -21,6 +21,8 @@ import pathlib
 import re
 import tempfile
 
+from benchmarks.common import check_image_sizes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=8, help="frames of the tracking scan (times are per frame)")
     p.add_argument("--repeats", type=int, default=3, help="profiled calls")
     p.add_argument("--top", type=int, default=30, help="kernels listed")
-    p.add_argument("--model", default="sam2.1_hiera_t", help="model name (random weights)")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="model name (random weights)")
     return p.parse_args(argv)
 
 
@@ -69,8 +72,7 @@ def dot_flops(hlo: str) -> dict[str, float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.image_size <= 0 or args.image_size % 32:
-        raise SystemExit(f"--image-size: {args.image_size} is not a positive multiple of 32")
+    check_image_sizes([args.image_size], "--image-size")
     import jax
 
     jax.config.update("jax_platforms", "cpu")

@@ -37,6 +37,8 @@ import pathlib
 import sys
 import time
 
+from benchmarks.common import check_image_sizes, machine_info, write_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PIPELINES = ("jax_pair", "torch", "jax_default")
@@ -65,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--structure", default="liver",
                    help="realct: the structure to prompt (a name of its structures.csv); phantom: label 1 is used")
     p.add_argument("--image-size", type=int, default=512, help="frame size S (a multiple of 32)")
-    p.add_argument("--model", default="sam2.1_hiera_t", help="model name or alias")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="model name or alias")
     p.add_argument("--pipelines", nargs="+", default=["torch", "jax_pair"], choices=PIPELINES,
                    help="what to time, in this order (jax_default at 512 px roughly doubles the run)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch pipeline (and the comparison)")
@@ -86,7 +89,7 @@ def load_case(args):
     ground-truth box on the file slice where the structure is largest."""
     import numpy as np
 
-    from medsam2_jax import segment
+    from medsam2_jax.apps import segment
     from medsam2_jax.data import coords, io, preprocess
 
     if args.volume == "realct":
@@ -135,7 +138,8 @@ def load_case(args):
 def run_jax(model, pre, prompt, cfg, seed: int) -> tuple[dict, object]:
     import jax
 
-    from medsam2_jax import segment, volume
+    from medsam2_jax import volume
+    from medsam2_jax.apps import segment
 
     log = segment._Log(quiet=True)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -206,8 +210,7 @@ def format_table(rows: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.image_size <= 0 or args.image_size % 32:
-        raise SystemExit(f"--image-size: {args.image_size} is not a positive multiple of 32")
+    check_image_sizes([args.image_size], "--image-size")
     pipelines = [p for p in dict.fromkeys(args.pipelines) if not (args.no_torch and p == "torch")]
     if not pipelines:
         raise SystemExit("--pipelines: nothing to run")
@@ -224,9 +227,9 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.torch_threads)
 
-    from benchmarks.common import machine_info, write_result
     from benchmarks.tracking import build_models
-    from medsam2_jax import segment, volume
+    from medsam2_jax import volume
+    from medsam2_jax.apps import segment
     from medsam2_jax.memory import bank as bank_lib
     from medsam2_jax.model.sizes import get_spec
     from medsam2_jax.tracking import TrackerConfig
@@ -277,16 +280,11 @@ def main(argv=None) -> int:
         "io_s": desc["read_preprocess_s"],
         "timing": ("one run per pipeline, in --pipelines order, wall seconds; JAX includes compiling the tracker for "
                    "the sequence lengths or loading it from the persistent cache; io = read + preprocess, once"),
-        "machine": info,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "results": rows,
         "speedup_total_torch_over_jax_pair": (rows["torch"]["total_s"] / rows["jax_pair"]["total_s"]
                                               if {"jax_pair", "torch"} <= set(rows) else None),
         "comparison_jax_pair_vs_torch": comparison,
-        "table_markdown": table,
     }
-    write_result(args.out, result)
+    write_run(args.out, result, info, load_before, load_after, rows, table)
     return 0
 
 

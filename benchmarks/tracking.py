@@ -39,6 +39,8 @@ import statistics
 import sys
 import time
 
+from benchmarks.common import check_image_sizes, machine_info, write_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PHASES = ("encode", "propagate", "total")
@@ -58,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "the cache load instead of the compile. Close other CPU-heavy programs for stable numbers."
         ),
     )
-    p.add_argument("--model", default="sam2.1_hiera_t", help="model name or alias (sam2.1_hiera_t/s/b+/l, ...)")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="model name or alias (sam2.1_hiera_t/s/b+/l, ...)")
     p.add_argument("--image-sizes", nargs="+", type=int, default=[256, 512],
                    help="square slice sizes S (multiples of 32)")
     p.add_argument("--frames", type=int, default=64, help="slices in the sequence")
@@ -294,9 +297,7 @@ def format_table(rows: list[dict], model: str, dtype: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for s in args.image_sizes:
-        if s <= 0 or s % 32:
-            raise SystemExit(f"--image-sizes: {s} is not a positive multiple of 32")
+    check_image_sizes(args.image_sizes)
     if args.frames < 1:
         raise SystemExit(f"--frames: {args.frames} must be >= 1")
     if args.repeats < 1:
@@ -322,7 +323,7 @@ def main(argv=None) -> int:
     try:
         name = get_spec(args.model).name
     except ValueError as e:
-        raise SystemExit(f"--model: {e}")
+        raise SystemExit(f"--model-name: {e}")
     jax.config.update("jax_compilation_cache_dir", str(args.cache_dir.resolve()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -334,7 +335,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.torch_threads)
     args.model = name
 
-    from benchmarks.common import machine_info, write_result
 
     info = machine_info()
     load_before = os.getloadavg()
@@ -374,13 +374,8 @@ def main(argv=None) -> int:
         "timing": ("median wall time per run over --repeats runs, JAX and PyTorch alternating; frames/s = slices / "
                    "median; best-of-run ratio from the fastest run of each; CPU-time ratio = PyTorch / JAX process "
                    "CPU time of a whole run (medians); JAX compile = first run - median"),
-        "machine": info,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "results": rows,
-        "table_markdown": table,
     }
-    write_result(args.out, result)
+    write_run(args.out, result, info, load_before, load_after, rows, table)
     return 0
 
 

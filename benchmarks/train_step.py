@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.common import check_image_sizes, machine_info, write_run
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 OBJECT_BIAS = 4.0
@@ -50,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "AdamW) vs the same step in PyTorch on the sam2 package's model, same batch and weights, "
                      "one run, alternating. Needs torch and sam2."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="sam2.1_hiera_t", help="model name (sam2.1_hiera_t/s/b+/l, ...)")
+    p.add_argument("--model-name", dest="model", metavar="NAME", default="sam2.1_hiera_t",
+                   help="model name (sam2.1_hiera_t/s/b+/l, ...)")
     p.add_argument("--image-sizes", nargs="+", type=int, default=[256, 512], help="frame sizes (multiples of 32)")
     p.add_argument("--frames", type=int, default=8, help="frames per sequence (T)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch (B)")
@@ -274,10 +277,8 @@ def main(argv=None) -> int:
     from medsam2_jax.model.sizes import get_spec
 
     args.model = get_spec(args.model).name
-    for s in args.image_sizes:
-        if s % 32 or s <= 0:
-            raise SystemExit(f"--image-sizes: {s} is not a positive multiple of 32")
-    from benchmarks.common import machine_info, write_result
+
+    check_image_sizes(args.image_sizes)
 
     info = machine_info()
     load_before = os.getloadavg()
@@ -313,13 +314,8 @@ def main(argv=None) -> int:
                    "allocator caches); rss_before_steps_mib = the worker's RSS right before the first step; "
                    "JAX's peak_rss_during_compile_mib = the high-water mark up to the end of the compile; "
                    "device_memory_stats = jax's allocator stats where the backend has them (None on CPU)"),
-        "machine": info,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "results": rows,
-        "table_markdown": table,
     }
-    write_result(args.out, result)
+    write_run(args.out, result, info, load_before, load_after, rows, table)
     return 0
 
 

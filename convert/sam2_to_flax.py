@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return 2
     n = sum(v.size for v in sd.values())
     print(f"converted {len(sd)} tensors ({n:,} values) of {model.model_name} -> {out}")
-    print(f"next: python -m medsam2_jax.demo --model {out}   (a phantom CT, with overlays)\n"
+    print(f"next: python -m medsam2_jax.apps.demo --model {out}   (a phantom CT, with overlays)\n"
           f"      medsam2-segment SCAN.nii.gz --model {out} --slice K --box X0 Y0 X1 Y1 --out mask.nii.gz\n"
           f"      python convert/parity.py --checkpoint {args.checkpoint} --model-name {model.model_name}   "
           "(check the conversion against PyTorch)")

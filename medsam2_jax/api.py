@@ -17,6 +17,7 @@ passes ``deterministic=False`` together with an ``nnx.Rngs``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -133,19 +134,60 @@ def finish_model(model: SAM2, source: str) -> SAM2:
     return model
 
 
-def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed: int = 0) -> SAM2:
-    """A randomly initialised model (demos, benchmarks and tests; no pretrained weights are needed).
+RANDOM_INITS = ("torch", "flax")
 
-    Deterministic per ``seed`` and quick to build (the values are drawn by NumPy into an unallocated model,
+
+def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed: int = 0, *, init: str = "torch",
+                 object_bias: float = 0.0) -> SAM2:
+    """A randomly initialised model (demos, benchmarks and tests; no pretrained weights are needed). Its
+    outputs mean nothing. Deterministic per ``seed``.
+
+    ``init="torch"`` (default) is quick to build (the values are drawn by NumPy into an unallocated model,
     no XLA compile): kernels and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with PyTorch's fan-in
     (``nn.Linear`` / ``nn.Conv2d`` defaults), embeddings and the random-Fourier matrix ``N(0, 1)``, LayerNorm
     scales ``1 + 0.02 N(0, 1)`` and biases ``0.02 N(0, 1)``, every other parameter (position embeddings,
     memory and pointer embeddings, layer-scale gammas) ``0.02 N(0, 1)``: nothing is exactly 0 or 1, so a
-    random model is not degenerate. Its outputs mean nothing.
+    random model is not degenerate.
+
+    ``init="flax"``: the modules' own Flax initialisation plus ``0.02 N(0, 1)`` on every parameter. It gives
+    livelier IoU and object scores, which the bank's, the volume's and the one-prompt tests rely on; it
+    initialises eagerly (one small XLA compile per parameter shape: slow on CPU), so its values are cached
+    per process and every call returns a fresh model loaded from them.
+
+    ``object_bias`` is added to the object-score head's last bias (``+2`` makes the object present, so that
+    masks are not all at SAM 2's -1024 "no object" score).
     """
+    if init not in RANDOM_INITS:
+        raise ValueError(f"random_model: init={init!r}, expected one of {RANDOM_INITS}")
+    model = build_model(model_name, image_size, abstract=True)
+    if init == "flax":
+        weights.load_state_dict(model, _flax_init_state_dict(model_name, int(image_size), int(seed)),
+                                source="random")
+    else:
+        _torch_style_init(model, seed)
+    if object_bias:
+        head = model.sam_mask_decoder.pred_obj_score_head
+        last = head.layers[len(head.layers) - 1] if hasattr(head, "layers") else head
+        last.bias.set_value(last.bias.get_value() + object_bias)
+    return finish_model(model, "random_model")
+
+
+@functools.lru_cache(maxsize=2)
+def _flax_init_state_dict(model_name: str, image_size: int, seed: int) -> dict[str, np.ndarray]:
+    model = build_model(model_name, image_size, seed=seed)
+    rng = np.random.default_rng(seed)
+    for e in weights.iter_entries(model):
+        v = np.asarray(e.variable.get_value())
+        e.variable.set_value(jax.numpy.asarray(v + 0.02 * rng.standard_normal(v.shape).astype(v.dtype)))
+    sd = weights.export_state_dict(model)
+    for v in sd.values():
+        v.setflags(write=False)
+    return sd
+
+
+def _torch_style_init(model: SAM2, seed: int) -> None:
     from .model.common import Buffer, Embedding, LayerNorm
 
-    model = build_model(model_name, image_size, abstract=True)
     rng = np.random.default_rng(seed)
     entries = list(weights.iter_entries(model))
     kernel_shape = {id(e.module): _torch_shape(e) for e in entries if e.rule.torch_name == "weight"}
@@ -163,7 +205,6 @@ def random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 512, seed
             value = rng.uniform(-bound, bound, shape)
         dtype = e.variable.get_value().dtype
         e.variable.set_value(jax.numpy.asarray(e.rule.to_flax(np.asarray(value, np.float32)), dtype))
-    return finish_model(model, "random_model")
 
 
 # ------------------------------------------------------------------------------------------ model directories
@@ -195,9 +236,7 @@ def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -
     # one process would wait for ever (or time out) for the others; naming this process as the only active
     # one (and the primary) makes it write everything and skip the barriers. Same as the default with one
     # process.
-    me = jax.process_index()
-    only_me = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    with ocp.StandardCheckpointer(multiprocessing_options=only_me) as ckptr:
+    with ocp.StandardCheckpointer(multiprocessing_options=_only_this_process(ocp)) as ckptr:
         ckptr.save(params_dir, _nest(sd))
     meta = {
         "format_version": FORMAT_VERSION,
@@ -211,8 +250,16 @@ def save_model(model: SAM2, directory: str | os.PathLike, *, source: str = "") -
     return directory
 
 
+def _only_this_process(ocp):
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
 def load_model(directory: str | os.PathLike, *, image_size: int | None = None) -> SAM2:
     """Load a model written by :func:`save_model` (or ``convert/sam2_to_flax.py``), concrete and in eval mode.
+
+    The calling process reads alone, also in a multi-process program: each process that calls it loads its
+    own copy, and the others neither call it nor wait on it.
 
     ``image_size`` may differ from the one converted at (any positive multiple of 32): every parameter is
     resolution-independent (Hiera's position embeddings are interpolated at run time).
@@ -249,8 +296,8 @@ def load_model(directory: str | os.PathLike, *, image_size: int | None = None) -
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory}: {PARAMS_DIR}/ is missing (an interrupted conversion?); convert again")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
+    try:  # this process reads alone, as save_model writes alone (no barrier with other processes)
+        with ocp.StandardCheckpointer(multiprocessing_options=_only_this_process(ocp)) as ckptr:
             tree = ckptr.restore(params_dir)
     except Exception as e:
         raise CheckpointError(

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medsam2_jax import diagnostics, tracking
+from medsam2_jax import api, tracking
+from medsam2_jax.apps import diagnostics
 from medsam2_jax.memory import bank as bank_lib
 from medsam2_jax.memory.bank import BankConfig
 from medsam2_jax.tracking import TrackerConfig
@@ -96,7 +97,7 @@ def run(model, frames, objects, cfg, key=0):
 
 @pytest.fixture(scope="module")
 def model():
-    return diagnostics.quick_random_model("sam2.1_hiera_t", S, seed=0, object_bias=2.0)
+    return api.random_model("sam2.1_hiera_t", S, seed=0, init="flax", object_bias=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +319,6 @@ def test_diagnostics_writes_png_and_json(model, seq, tmp_path):
 
 def test_diagnostics_cli_help():
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "medsam2_jax.diagnostics", "--help"], cwd=root,
+    out = subprocess.run([sys.executable, "-m", "medsam2_jax.apps.diagnostics", "--help"], cwd=root,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "--checkpoint" in out.stdout and "mutual information" in out.stdout
+    assert out.returncode == 0 and "--model DIR" in out.stdout and "mutual information" in out.stdout

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsam2_jax import demo, metrics, viz
+from medsam2_jax import metrics, viz
+from medsam2_jax.apps import demo
 from medsam2_jax.data import preprocess, prompts, realct
 
 S = 256

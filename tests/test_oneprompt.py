@@ -15,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medsam2_jax import oneprompt
+from medsam2_jax import api, oneprompt
 from medsam2_jax.data.io import Volume
 from medsam2_jax.data.phantoms import make_phantom
 from medsam2_jax.data.preprocess import preprocess_case
-from medsam2_jax.diagnostics import quick_random_model
 
 S = 256
 SLICES = [13, 8, 18, 10, 21, 3, 15, 11]  # an unordered set
@@ -29,7 +28,7 @@ CFG = oneprompt.OnePromptConfig()
 
 @pytest.fixture(scope="module")
 def model():
-    return quick_random_model("sam2.1_hiera_t", S, seed=0, object_bias=2.0)
+    return api.random_model("sam2.1_hiera_t", S, seed=0, init="flax", object_bias=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``medsam2-segment`` command (medsam2_jax.segment) and the file-voxel -> frame mapping (data.coords).
+"""The ``medsam2-segment`` command (medsam2_jax.apps.segment) and the file-voxel -> frame mapping (data.coords).
 
 A random model gives meaningless masks, so the end-to-end run checks pipeline properties only: the output
 NIfTI has the input's shape, affine and qform/sform codes, it is a 0/1 label volume, the PNGs exist. The
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medsam2_jax import segment, volume
+from medsam2_jax import volume
+from medsam2_jax.apps import segment
 from medsam2_jax.data import coords
 from medsam2_jax.data.io import Volume
 from medsam2_jax.data.phantoms import make_phantom
@@ -64,7 +65,7 @@ def run_box(phantom, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- end to end
 def test_help_runs_as_a_module():
-    r = subprocess.run([sys.executable, "-m", "medsam2_jax.segment", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "medsam2_jax.apps.segment", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     for word in ("VOXEL", "--random-weights", "--mask-prompt", "--orientations", "level 40 / width 400", "status 2"):
@@ -73,7 +74,7 @@ def test_help_runs_as_a_module():
 
 def test_console_script_is_declared():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"]["medsam2-segment"] == "medsam2_jax.segment:main"
+    assert meta["project"]["scripts"]["medsam2-segment"] == "medsam2_jax.apps.segment:main"
     script = Path(sys.executable).parent / "medsam2-segment"
     if script.exists():  # installed (pip install -e . after the entry point was added)
         r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)

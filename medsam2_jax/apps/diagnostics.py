@@ -1,7 +1,7 @@
 """The paper's Figure 6 analysis: pairwise mutual information between memory-bank entries as a sequence runs.
 
-    python -m medsam2_jax.diagnostics --out out/diagnostics                      # random model, CT phantom
-    python -m medsam2_jax.diagnostics --checkpoint models/sam2.1_t --out out/diag --K 16
+    python -m medsam2_jax.apps.diagnostics --out out/diagnostics                      # random model, CT phantom
+    python -m medsam2_jax.apps.diagnostics --model models/sam2.1_t --out out/diag --K 16
 
 A phantom volume (:mod:`medsam2_jax.data.phantoms`) is preprocessed as in the paper, one structure
 (``--label``) is prompted with its ground-truth mask on its first slice, and its slices are tracked
@@ -46,47 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .memory.bank import BankConfig, make_descriptor
-from .model.sam2 import SAM2
-from .tracking import (TrackerConfig, bucketed, descriptor_grid, encode_frames, make_prompts, pad_frames,
+from ..memory.bank import BankConfig, make_descriptor
+from ..model.sam2 import SAM2
+from ..tracking import (TrackerConfig, bucketed, descriptor_grid, encode_frames, make_prompts, pad_frames,
                        run_sequence, take_frames)
 
 FEATURES = ("memory", "descriptor", "image")
-
-
-# ---------------------------------------------------------------------------------------------- models
-@functools.lru_cache(maxsize=2)
-def _random_state_dict(model_name: str, image_size: int, seed: int) -> dict[str, np.ndarray]:
-    from . import api, weights
-
-    model = api.build_model(model_name, image_size, seed=seed)
-    rng = np.random.default_rng(seed)
-    for e in weights.iter_entries(model):
-        v = np.asarray(e.variable.get_value())
-        e.variable.set_value(jnp.asarray(v + 0.02 * rng.standard_normal(v.shape).astype(v.dtype)))
-    sd = weights.export_state_dict(model)
-    for v in sd.values():
-        v.setflags(write=False)
-    return sd
-
-
-def quick_random_model(model_name: str = "sam2.1_hiera_t", image_size: int = 256, seed: int = 0,
-                       object_bias: float = 0.0) -> SAM2:
-    """A random model: the modules' own initialisation plus ``0.02 N(0, 1)`` on every parameter (what
-    ``api.random_model`` drew before it moved to a PyTorch-style NumPy initialisation; this one gives
-    livelier IoU and object scores, which the bank's tests rely on). Building it initialises eagerly (one
-    small XLA compile per parameter shape: slow on CPU), so the values are cached per process and every
-    call returns a fresh model loaded from them. ``object_bias`` is added to the object-score head's last
-    bias (``+2`` makes the object present, so masks are not all -1024)."""
-    from . import api, weights
-
-    model = api.build_model(model_name, image_size, abstract=True)
-    weights.load_state_dict(model, _random_state_dict(model_name, int(image_size), int(seed)), source="random")
-    if object_bias:
-        head = model.sam_mask_decoder.pred_obj_score_head
-        last = head.layers[len(head.layers) - 1] if hasattr(head, "layers") else head
-        last.bias.set_value(last.bias.get_value() + object_bias)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- estimator
@@ -277,9 +242,9 @@ def write_outputs(results: Mapping[str, Any], out_dir: str | Path) -> tuple[Path
 # ---------------------------------------------------------------------------------------------- CLI
 def phantom_sequence(seed: int, kind: str, shape: Sequence[int], size: int, label: int):
     """Preprocessed phantom slices from the first slice of ``label`` on, and that slice's mask."""
-    from .data.io import Volume
-    from .data.phantoms import PHANTOM_LABELS, make_phantom
-    from .data.preprocess import preprocess_case
+    from ..data.io import Volume
+    from ..data.phantoms import PHANTOM_LABELS, make_phantom
+    from ..data.preprocess import preprocess_case
 
     image, labels, affine = make_phantom(seed, kind, tuple(shape), orientation="RAS")
     if label not in PHANTOM_LABELS:
@@ -295,11 +260,12 @@ def phantom_sequence(seed: int, kind: str, shape: Sequence[int], size: int, labe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medsam2_jax.diagnostics", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m medsam2_jax.apps.diagnostics", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="out/diagnostics", help="output folder for mi.png and mi.json")
-    p.add_argument("--checkpoint", default=None, help="converted model folder (api.load_model); default: random model")
-    p.add_argument("--model", default="sam2.1_hiera_t", help="random model size (without --checkpoint)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="converted model directory (api.load_model); default: a random model")
+    p.add_argument("--model-name", default="sam2.1_hiera_t", metavar="NAME", help="random model size (without --model)")
     p.add_argument("--image-size", type=int, default=256, help="S (frames are S x S)")
     p.add_argument("--object-bias", type=float, default=2.0,
                    help="random model only: added to the object-score bias so the object is present")
@@ -318,14 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.checkpoint:
-        from .api import load_model
+    from .. import api
 
-        model = load_model(args.checkpoint, image_size=args.image_size)
-        source = str(args.checkpoint)
+    if args.model:
+        model = api.load_model(args.model, image_size=args.image_size)
+        source = str(args.model)
     else:
-        model = quick_random_model(args.model, args.image_size, seed=0, object_bias=args.object_bias)
-        source = f"random {args.model} (object bias {args.object_bias:+g})"
+        model = api.random_model(args.model_name, args.image_size, seed=0, init="flax",
+                                 object_bias=args.object_bias)
+        source = f"random {args.model_name} (object bias {args.object_bias:+g})"
     frames, mask = phantom_sequence(args.phantom_seed, args.kind, args.phantom_shape, args.image_size, args.label)
     configs = {}
     for pol in args.policies:
