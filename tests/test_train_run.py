@@ -245,3 +245,33 @@ def test_two_processes_match_one_process(straight, tmp_path):
     # (1 - b1) / sqrt(1 - b2) ~ 3.2 lr per step: the largest gap two such runs can open.
     assert worst <= 2 * 3.2 * 1e-4 * STEPS, worst
     assert apart <= 0.05 * moved, (apart, moved)  # the runs moved the same way, far beyond their difference
+
+
+def test_one_process_saves_and_loads_a_model_alone(tmp_path):
+    """In a two-process program, process 0 alone writes and reads a model directory (what train.py's process 0
+    does with model/, and what a user's script does when only one process loads a model); process 1 never
+    calls either. Before load_model read with only its own process active, orbax's restore waited on the
+    other process and the load failed (or hung). Both processes must reach their final barrier, and the
+    weights must come back bit for bit."""
+    port = _free_port()
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+    script = ROOT / "tests" / "scripts" / "one_process_model_io.py"
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path / "model"),
+                               str(tmp_path / "result.txt")], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=_env(1), text=True)
+             for i, log in enumerate(logs)]
+    try:
+        for p in procs:
+            p.wait(timeout=600)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = []
+    for log in logs:
+        log.seek(0)
+        out.append(log.read())
+        log.close()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in out)
+    assert (tmp_path / "result.txt").read_text().strip() == "ok same=True"
+    assert "process 1 done" in out[1]
