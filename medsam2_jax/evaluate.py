@@ -556,7 +556,7 @@ def run(cfg: Any, workdir: str | os.PathLike, model_dir: str | None = None, rand
     summ = summarize(rows, methods)
     pngs = write_overlays(wd / "overlays", rows, random_weights)
     summary = {
-        "random_weights": bool(random_weights), "model": None if random_weights else str(model_dir),
+        "random_weights": bool(random_weights), "model_dir": None if random_weights else str(model_dir),
         "model": source, "image_size": size,
         "warning": RANDOM_WEIGHTS_WARNING if random_weights and needs_model else None,
         "protocol": protocol(cfg), "cases": [c.name for c in cases], "rows": len(rows),

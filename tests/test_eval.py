@@ -231,7 +231,7 @@ def test_model_directory(run, tmp_path):
                               "--config.phantoms=0", f"--config.dataset_dirs=('{block}',)", *COMMON]) == 0
     assert "RANDOM WEIGHTS" not in buf.getvalue()
     summary = json.loads((wd / "summary.json").read_text())
-    assert summary["random_weights"] is False and summary["model"] == str(model_dir)
+    assert summary["random_weights"] is False and summary["model_dir"] == str(model_dir)
     rows = list(csv.DictReader(open(wd / "per_case.csv")))
     ref = {(r["structure"], r["method"]): r for r in rows0 if r["structure"] == "block"}
     for r in rows:
