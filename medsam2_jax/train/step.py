@@ -139,7 +139,7 @@ def make_train_step(
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(terms, loss=loss, grad_norm=optax.tree.norm(grads))
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         if return_grads:  # for tests: the gradients themselves
