@@ -110,6 +110,14 @@ def test_mask_prompt_with_zero_codes_keeps_them(phantom, tmp_path, capsys):
     assert segment.main(argv) == 0
     text = capsys.readouterr().out
     assert "image size 256: the default for --random-weights" in text and f"mask: {tmp_path / 'o' / 'm.nii'}" in text
+    # The timings line that benchmarks/segment_command.py reads from the command.
+    from benchmarks.segment_command import parse_output
+
+    t = parse_output(text)
+    stages = t["stages_s"]
+    assert {"read", "preprocess", "encode", "propagate", "aggregate", "write", "total"} <= set(stages)
+    assert 0 < stages["encode"] < stages["total"] and 0 < stages["propagate"] < stages["total"]
+    assert t["frames_encoded"] >= 1 and t["tracker_steps"] >= t["frames_encoded"] - 1
     out = nib.load(str(tmp_path / "o" / "m.nii"))
     ref = nib.load(str(p0))
     assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)

@@ -801,7 +801,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
             f"{cfg.tracker.bank.policy}, scope {cfg.scope}, coronal/sagittal sections "
             f"{'one per voxel' if cfg.max_frames is None else f'at most {cfg.max_frames}'}, axial pair "
             f"{'tracked again in the combined pass' if not cfg.reuse_axial else 'reused from the first stage'}; "
-            "the first run compiles (a minute or more on a CPU, cached after)")
+            "a first run at a new image size or sequence length compiles first (tens of seconds on a CPU; cached after)")
     t = time.perf_counter()
     with instrumented(log) as tm:
         res = volume.segment_volume_detailed(model, pre, prompt.as_volume_prompt(), cfg, key=jax.random.key(a.seed))
