@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 
 
 def machine_info() -> dict:
@@ -42,11 +43,27 @@ def write_result(out: pathlib.Path, result: dict) -> None:
     print(f"\nwrote {out}")
 
 
-def write_run(out: pathlib.Path, fields: dict, info: dict, load_before, load_after, rows, table: str) -> None:
-    """Write a side-by-side run: its own ``fields`` plus what every such run records (the machine, the load
-    average before and after, the result rows and the Markdown table)."""
-    write_result(out, {**fields, "machine": info, "load_average_before": load_before,
-                       "load_average_after": load_after, "results": rows, "table_markdown": table})
+def command_line(name: str, argv=None) -> str:
+    """How this run was started: ``python -m benchmarks.<name>`` and its arguments (``sys.argv`` by default)."""
+    return " ".join([f"python -m benchmarks.{name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def note_load(load_before, load_after, why: str = "the ratio is fairer") -> None:
+    """Print a note when other processes already loaded the CPU at the start (the 1-minute load average above
+    half the CPU count; the benchmark's own threads raise the load after it, so that is not the test)."""
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} "
+              f"CPUs; other processes share the CPU, so absolute numbers are low and noisy ({why}).")
+
+
+def write_run(out: pathlib.Path, name: str, argv, fields: dict, info: dict, load_before, load_after, rows,
+              table: str) -> None:
+    """Write a side-by-side run: which benchmark and command line (``name``, ``argv``), its own ``fields``, and
+    what every such run records (the machine, the load average before and after, the result rows and the
+    Markdown table)."""
+    write_result(out, {"benchmark": name, "command": command_line(name, argv), **fields, "machine": info,
+                       "load_average_before": load_before, "load_average_after": load_after, "results": rows,
+                       "table_markdown": table})
 
 
 def check_image_sizes(sizes, flag: str = "--image-sizes") -> None:

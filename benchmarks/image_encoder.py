@@ -19,10 +19,9 @@ import argparse
 import os
 import pathlib
 import statistics
-import sys
 import time
 
-from benchmarks.common import check_image_sizes, machine_info, write_run
+from benchmarks.common import check_image_sizes, machine_info, note_load, write_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -203,13 +202,9 @@ def main(argv=None) -> int:
     table = format_table(rows)
     print()
     print(table)
-    if load_before[0] > 0.5 * (os.cpu_count() or 1):  # (the benchmark's own threads raise the load after)
-        print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
-              "other processes share the CPU, so the numbers are low and noisy, and the ratio is biased towards JAX "
-              "(PyTorch's OpenMP threads lose more than XLA's thread pool when the cores are oversubscribed).")
+    note_load(load_before, load_after, "and the ratio is biased towards JAX: PyTorch's OpenMP threads lose more than "
+              "XLA's thread pool when the cores are oversubscribed")
     result = {
-        "benchmark": "image_encoder",
-        "command": " ".join(["python -m benchmarks.image_encoder", *(sys.argv[1:] if argv is None else argv)]),
         "dtype": "float32",
         "jax_matmul_precision": args.matmul_precision,
         "jax_images_per_step": "auto" if args.images_per_step is None else args.images_per_step,
@@ -220,7 +215,7 @@ def main(argv=None) -> int:
                    "best-of-run ratio from the fastest call of each; "
                    "JAX compile = jit(...).lower().compile() wall time"),
     }
-    write_run(args.out, result, info, load_before, load_after, rows, table)
+    write_run(args.out, "image_encoder", argv, result, info, load_before, load_after, rows, table)
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import machine_info, write_run
+from benchmarks.common import machine_info, note_load, write_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCANS = ("ct", "mr")
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
                      f"{r['cpu_s']:.1f} | {r['peak_rss_gb']:.1f} | {r['load_before']:.1f} → {r['load_after']:.1f} |")
     table = "\n".join(lines)
     print("\n" + table)
-    write_run(a.out, {"benchmark": "segment_command", "command": "medsam2-segment INPUT --random-weights …",
-                      "settings": {k: " ".join(v) or "(defaults)" for k, v in SETTINGS.items()}},
+    note_load(load_before, os.getloadavg(), "compare CPU seconds")
+    write_run(a.out, "segment_command", argv, {"segment_command": "medsam2-segment INPUT --random-weights SETTING",
+                                               "settings": {k: " ".join(v) or "(defaults)" for k, v in SETTINGS.items()}},
               info, load_before, os.getloadavg(), rows, table)
     return 0
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import time
 
 from benchmarks.common import check_image_sizes, machine_info, write_run
@@ -272,8 +271,6 @@ def main(argv=None) -> int:
     if "jax_pair" in rows and "torch" in rows:
         print(f"PyTorch / JAX (axial pair, total): {rows['torch']['total_s'] / rows['jax_pair']['total_s']:.2f}x")
     result = {
-        "benchmark": "segment_volume",
-        "command": " ".join(["python -m benchmarks.segment_volume", *(argv if argv is not None else sys.argv[1:])]),
         "model": name,
         "weights": "PyTorch random init (object-score bias +2), converted; meaningless masks",
         "case": desc,
@@ -284,7 +281,7 @@ def main(argv=None) -> int:
                                               if {"jax_pair", "torch"} <= set(rows) else None),
         "comparison_jax_pair_vs_torch": comparison,
     }
-    write_run(args.out, result, info, load_before, load_after, rows, table)
+    write_run(args.out, "segment_volume", argv, result, info, load_before, load_after, rows, table)
     return 0
 
 

@@ -36,10 +36,9 @@ import argparse
 import os
 import pathlib
 import statistics
-import sys
 import time
 
-from benchmarks.common import check_image_sizes, machine_info, write_run
+from benchmarks.common import check_image_sizes, machine_info, note_load, write_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -357,13 +356,8 @@ def main(argv=None) -> int:
             if "encode_tflops" in r["jax"]:
                 print(f"S={r['image_size']}: encoder {r['jax']['encode_tflops']:.1f} TFLOP/s "
                       f"= {100 * r['jax']['encode_fraction_of_peak']:.1f}% of {args.peak_tflops} TFLOP/s")
-    busy = max(load_before[0], load_after[0])
-    if busy > 0.5 * (os.cpu_count() or 1):
-        print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} CPUs; "
-              "other processes share the CPU, so absolute numbers are low and noisy (the ratio is fairer).")
+    note_load(load_before, load_after)
     result = {
-        "benchmark": "tracking",
-        "command": " ".join(["python -m benchmarks.tracking", *(argv if argv is not None else sys.argv[1:])]),
         "model": name,
         "dtype": args.dtype,
         "bank": args.bank,
@@ -375,7 +369,7 @@ def main(argv=None) -> int:
                    "median; best-of-run ratio from the fastest run of each; CPU-time ratio = PyTorch / JAX process "
                    "CPU time of a whole run (medians); JAX compile = first run - median"),
     }
-    write_run(args.out, result, info, load_before, load_after, rows, table)
+    write_run(args.out, "tracking", argv, result, info, load_before, load_after, rows, table)
     return 0
 
 

@@ -34,11 +34,10 @@ import multiprocessing as mp
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
-from benchmarks.common import check_image_sizes, machine_info, write_run
+from benchmarks.common import check_image_sizes, machine_info, note_load, write_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -293,13 +292,8 @@ def main(argv=None) -> int:
     table = format_table(rows, args.model)
     print()
     print(table)
-    busy = max(load_before[0], load_after[0])
-    if busy > 0.5 * (os.cpu_count() or 1):
-        print(f"\nnote: 1-min load average was {load_before[0]:.1f} -> {load_after[0]:.1f} on {os.cpu_count()} "
-              "CPUs; other processes share the CPU, so absolute numbers are low and noisy (the ratio is fairer).")
+    note_load(load_before, load_after)
     result = {
-        "benchmark": "train_step",
-        "command": " ".join(["python -m benchmarks.train_step", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model,
         "jax_matmul_precision": args.matmul_precision,
         "repeats": args.repeats,
@@ -315,7 +309,7 @@ def main(argv=None) -> int:
                    "JAX's peak_rss_during_compile_mib = the high-water mark up to the end of the compile; "
                    "device_memory_stats = jax's allocator stats where the backend has them (None on CPU)"),
     }
-    write_run(args.out, result, info, load_before, load_after, rows, table)
+    write_run(args.out, "train_step", argv, result, info, load_before, load_after, rows, table)
     return 0
 
 

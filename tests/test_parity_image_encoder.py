@@ -375,6 +375,8 @@ def test_benchmark_script_smoke(tmp_path):
                        "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     (row,) = res["results"]
+    assert res["command"] == "python -m benchmarks.image_encoder --image-sizes 64 --batch-sizes 1 --repeats 1 " \
+        f"--warmup 0 --out {out}"
     assert (row["model"], row["image_size"], row["batch"]) == ("sam2.1_hiera_t", 64, 1)
     assert row["jax"]["fps"] > 0 and row["torch"]["fps"] > 0 and row["jax"]["compilations"] == 1
     assert row["max_abs_diff_vision_features"] < FEAT_ATOL  # both frameworks computed the same encoder

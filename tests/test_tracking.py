@@ -675,6 +675,7 @@ def test_benchmark_script_bfloat16_runs(tmp_path):
                        "bfloat16", "--encode-batch", "2", "--cache-dir", cache, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["dtype"] == "bfloat16" and res["results"][0]["image_size"] == 256
+    assert res["benchmark"] == "tracking" and res["command"].startswith("python -m benchmarks.tracking --no-torch ")
     fps = [res["results"][0]["jax"][ph]["fps"] for ph in ("encode", "propagate", "total")]
     assert all(np.isfinite(f) and f > 0 for f in fps), fps
     assert "| propagate |" in res["table_markdown"]
