@@ -524,29 +524,26 @@ def instrumented(log: _Log):
              "frames_tracked": 0}
     enc0, trk0 = volume.encode_frames, volume._track_blocks
 
+    def timed(stage: str, counter: str, n: int, doing: str, done: str, call):
+        log.say(f"  {doing} ...")
+        t = time.perf_counter()
+        out = call()
+        dt = time.perf_counter() - t
+        times[stage] += dt
+        times[f"{stage}_calls"] += 1
+        times[counter] += n
+        log.say(f"  {done} in {dt:.1f} s")
+        return out
+
     def enc(model, frames, *args, **kw):
         n = int(frames.shape[0])
-        log.say(f"  encoding {n} frames ({model.image_size} px) ...")
-        t = time.perf_counter()
-        out = jax.block_until_ready(enc0(model, frames, *args, **kw))
-        dt = time.perf_counter() - t
-        times["encode"] += dt
-        times["encode_calls"] += 1
-        times["frames_encoded"] += n
-        log.say(f"  encoded {n} frames in {dt:.1f} s")
-        return out
+        return timed("encode", "frames_encoded", n, f"encoding {n} frames ({model.image_size} px)",
+                     f"encoded {n} frames", lambda: jax.block_until_ready(enc0(model, frames, *args, **kw)))
 
     def trk(model, feats, prompts, key, cfg):
         n = int(feats["fpn"][0].shape[0])
-        log.say(f"  tracking a sequence of {n} frames ...")
-        t = time.perf_counter()
-        out = trk0(model, feats, prompts, key, cfg)  # returns NumPy: finished
-        dt = time.perf_counter() - t
-        times["propagate"] += dt
-        times["propagate_calls"] += 1
-        times["frames_tracked"] += n
-        log.say(f"  tracked {n} frames in {dt:.1f} s")
-        return out
+        return timed("propagate", "frames_tracked", n, f"tracking a sequence of {n} frames", f"tracked {n} frames",
+                     lambda: trk0(model, feats, prompts, key, cfg))  # returns NumPy: finished
 
     volume.encode_frames, volume._track_blocks = enc, trk
     try:
