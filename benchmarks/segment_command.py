@@ -16,7 +16,7 @@ encoded and tracker steps, and the 1-minute load average before and after. Runs 
 time; on a shared machine compare CPU seconds, and note the load.
 
 Example:
-    python -m benchmarks.segment_command                       # both scans, both settings: ~6 min on 2 cores
+    python -m benchmarks.segment_command                       # both scans, both settings: 7.5 min on 2 cores
     python -m benchmarks.segment_command --scans ct --settings default --repeats 3
     python -m benchmarks.segment_command --settings frames64 --out benchmarks/results/segment_command_frames64.json
 """
