@@ -552,6 +552,18 @@ def instrumented(log: _Log):
         volume.encode_frames, volume._track_blocks = enc0, trk0
 
 
+def explicit_modality(ap: argparse.ArgumentParser, value: str) -> str:
+    """The canonical modality named by ``--modality`` (not ``auto``), or a usage error (exit 2) saying what it
+    accepts."""
+    from ..data import io
+    from ..data.errors import DataError
+
+    try:
+        return io.canonical_modality(value, "--modality")
+    except DataError as e:
+        ap.error(f"argument --modality: {e.problem}; expected CT, MR, auto or {e.expected}")
+
+
 def _load_2d(ap: argparse.ArgumentParser, arg: str, path: Path, loader) -> np.ndarray:
     from ..data.errors import DataError
 
@@ -604,11 +616,7 @@ def run_image_set(a: argparse.Namespace, ap: argparse.ArgumentParser, log: _Log,
     if a.modality.strip().lower() == "auto":
         modality, note = "X-ray", "auto: 2D images get the per-image 0.5/99.5 percentile clip and z-score"
     else:
-        try:
-            modality = io.canonical_modality(a.modality, "--modality")
-        except ValueError as e:
-            ap.error(f"argument --modality: {e}")
-        note = f"--modality {a.modality}"
+        modality, note = explicit_modality(ap, a.modality), f"--modality {a.modality}"
     out_dir = Path(a.out) if a.out else Path.cwd() / f"{folder.resolve().name}_masks"
     log.say(f"{len(files)} images in {a.input}, template {files[ti].name} ({w} x {h} px); modality {modality} ({note})")
 
@@ -744,17 +752,14 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
     mask_prompt = _load_mask_prompt(ap, a.mask_prompt, shape, a.slice) if a.mask_prompt else None
     out = Path(a.out) if a.out else Path.cwd() / f"{_strip_nifti(Path(a.input).name)}_mask.nii.gz"
     over_dir = Path(a.overlay_dir) if a.overlay_dir else out.with_name(_strip_nifti(out.name) + "_overlays")
-    from ..data import coords, io, preprocess
+    from ..data import coords, preprocess
     from ..data.errors import DataError
 
     if a.modality.strip().lower() == "auto":
         modality, why = guess_modality(vol.data)
         mod_note = f"{modality} (--modality auto: {why})"
     else:
-        try:
-            modality = io.canonical_modality(a.modality, "--modality")
-        except DataError as e:
-            ap.error(f"argument --modality: {e.problem}; expected CT, MR, auto or {e.expected}")
+        modality = explicit_modality(ap, a.modality)
         mod_note = f"{modality} (--modality {a.modality})"
     log.say(f"input {a.input}: shape {shape}, voxel size {np.round(vol.spacing, 3).tolist()} mm, orientation "
             f"{''.join(vol.orientation)}, qform/sform codes {vol.qform_code}/{vol.sform_code}")
