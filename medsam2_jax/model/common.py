@@ -133,7 +133,36 @@ class Conv2d(nnx.Conv):
             # (SAM 2's conv_s0 at 512 px took 7.2 ms through it, one core: 37 GFLOP/s).
             y = jnp.einsum("...c,co->...o", x, self.kernel[...][0, 0])
             return y if bias is None else y + bias
+        if self.feature_group_count == 1:
+            y = im2col_conv2d(x, self.kernel[...], self.strides, self.padding)
+            return y if bias is None else y + bias
         return super().__call__(x)
+
+
+def im2col_conv2d(x: Array, kernel: Array, strides: Sequence[int], padding) -> Array:
+    """Dense conv on NHWC ``x`` with an HWIO kernel as one matmul: the kh * kw strided views of the padded
+    input side by side on the channel axis (``im2col``), times the kernel read as (kh * kw * C_in, C_out).
+
+    SAM 2's strided convs (the memory encoder's 3x3 stride-2 mask downsampler, the 2x2 / 4x4 stride-2 / 4
+    mask-input downscalers) have few channels, where XLA:CPU's convolution runs at a few GFLOP/s and its
+    kernel gradient is a dilated convolution slower still (3x3x64x256 at 256 px: ~25 ms per call in the
+    training step); as a matmul both gradients are matmuls too. Same sum, other order (float32 rounding).
+    """
+    kh, kw, cin, cout = kernel.shape
+    sh, sw = strides
+    (pt, pb), (pl, pr) = padding
+    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    oh = (xp.shape[1] - kh) // sh + 1
+    ow = (xp.shape[2] - kw) // sw + 1
+    if (kh, kw) == (sh, sw) and xp.shape[1] == oh * sh and xp.shape[2] == ow * sw:
+        # Non-overlapping patches (kernel == stride): a reshape (space-to-depth) gathers them.
+        cols = xp.reshape(xp.shape[0], oh, kh, ow, kw, cin).transpose(0, 1, 3, 2, 4, 5)
+        cols = cols.reshape(xp.shape[0], oh, ow, kh * kw * cin)
+    else:
+        cols = jnp.concatenate(
+            [xp[:, dy : dy + sh * (oh - 1) + 1 : sh, dx : dx + sw * (ow - 1) + 1 : sw] for dy in range(kh)
+             for dx in range(kw)], axis=-1)  # (B, oh, ow, [dy, dx, c])
+    return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(kh * kw * cin, cout))
 
 
 def depthwise_conv2d(x: Array, kernel: Array, bias: Array | None, padding) -> Array:
@@ -178,7 +207,15 @@ class ConvTranspose2d(nnx.ConvTranspose):
         )
 
     def __call__(self, x: Array) -> Array:
-        return super().__call__(as_compute(x, self.kernel[...]))
+        """As a matmul and a reshape (depth-to-space): the stride-s patches do not overlap, so output pixel
+        (s*i + a, s*j + c) is ``x[i, j] @ weight[:, :, a, c]``. XLA:CPU's transposed convolution and its kernel
+        gradient (a dilated convolution) run at a few GFLOP/s; this is one matmul each way."""
+        kernel = self.kernel[...]  # (s, s, out, in) = torch (in, out, s, s).transpose(2, 3, 1, 0)
+        x = as_compute(x, kernel)
+        b, h, w, _ = x.shape
+        s, _, cout, _ = kernel.shape
+        y = jnp.einsum("bhwi,acoi->bhawco", x, kernel).reshape(b, h * s, w * s, cout)
+        return y + self.bias[...]
 
 
 class LayerNorm(nnx.LayerNorm):
