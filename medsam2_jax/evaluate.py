@@ -60,6 +60,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .config_cli import parse, usage_error
+from .host_memory import keep_freed_memory
 from .train.cli import relax_cpu_collective_timeouts
 
 PROG = "eval.py"
@@ -590,6 +591,7 @@ def _usage_error(msg: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # before JAX starts (see medsam2_jax.host_memory)
     relax_cpu_collective_timeouts()
     from absl import flags
 

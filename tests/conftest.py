@@ -6,6 +6,11 @@ import os
 import jax
 import pytest
 
+# The commands' keep_freed_memory() (medsam2_jax.host_memory) makes a process keep its high-water mark of
+# memory; the suite calls the commands in its own long-lived process, so leave malloc as it is there. Tests
+# that start the commands in a subprocess turn it back on (test_train_run) or check it (test_host_memory).
+os.environ["MEDSAM2_KEEP_FREED_MEMORY"] = "0"
+
 # Parity tests compare float32 against PyTorch CPU: no reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
 # XLA compiles dominate the suite's time; keep them across runs.

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import compile_cache
+from ..host_memory import keep_freed_memory
 from ..memory.bank import POLICIES
 
 import numpy as np
@@ -616,6 +617,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # before JAX starts (see medsam2_jax.host_memory)
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else [str(a) for a in argv]
     try:

@@ -58,6 +58,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import compile_cache
+from ..host_memory import keep_freed_memory
 
 PROG = "medsam2-segment"
 DEFAULT_RANDOM_SIZE = 256
@@ -852,6 +853,7 @@ def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()  # before JAX starts (see medsam2_jax.host_memory)
     ap = build_parser()
     args = ap.parse_args(argv)
     run(args, ap)

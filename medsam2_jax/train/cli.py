@@ -10,6 +10,7 @@ import os
 import sys
 
 from ..config_cli import parse, usage_error
+from ..host_memory import keep_freed_memory
 
 USAGE = """Train Medical SAM 2 (SAM 2 with the self-sorting memory bank).
 
@@ -43,6 +44,7 @@ def _usage_error(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    keep_freed_memory()  # before JAX starts: each step reuses the last one's host memory (see host_memory)
     relax_cpu_collective_timeouts()
     from absl import flags
 
