@@ -20,7 +20,14 @@ neither building the model nor XLA's compilation counts; it includes the model, 
 framework itself), reported with the RSS right before the first step, so ``peak - before`` is what the
 steps add (activations kept for the backward pass, gradients, optimiser moments, XLA's buffers). Steps
 alternate between the two workers (one JAX step, one PyTorch step, ...) so that other load on the machine
-hits both alike; times are medians over ``--repeats`` steps after the first.
+hits both alike, with a ``--pause`` between them (each framework's worker threads spin for a while after a
+step; without the pause they slowed the other's step by up to a quarter); times are medians over
+``--repeats`` steps after the first.
+
+Host memory: the JAX worker runs as ``train.py`` does (:mod:`medsam2_jax.host_memory`: glibc's malloc keeps
+freed blocks for reuse, and the compiler's freed memory is handed back after the compile), the PyTorch worker
+with glibc's defaults, the faster setting for each (``--jax-malloc`` / ``--torch-malloc`` change them: with
+``keep`` PyTorch's step measured 2.2 s instead of 1.8 s at 256 px, JAX's without it 2.9 s instead of 1.3 s).
 
 Examples:
     python -m benchmarks.train_step                              # tiny, T=8, B=1, at 256 and 512 px
@@ -61,6 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX's default matmul precision (float32 on CPU either way)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".jax_cache",
                    help="persistent JAX compilation cache")
+    p.add_argument("--jax-malloc", choices=["keep", "default"], default="keep",
+                   help="keep: the JAX worker calls medsam2_jax.host_memory.keep_freed_memory() first, as train.py "
+                        "does (freed blocks are reused, not unmapped and faulted in again each step); default: "
+                        "glibc's malloc as it comes")
+    p.add_argument("--torch-malloc", choices=["keep", "default"], default="default",
+                   help="the same for the PyTorch worker (its step measured slower with keep: one malloc arena "
+                        "for its threads)")
+    p.add_argument("--pause", type=float, default=1.0,
+                   help="seconds between two steps, so that the last framework's worker threads have gone to "
+                        "sleep before the other one's step starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
     return p.parse_args(argv)
@@ -114,7 +131,15 @@ def _rss_kb() -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def torch_worker(conn, model_name: str, size: int, batch_file: str, weights_file: str, seed: int) -> None:
+def _host_malloc(mode: str) -> bool:
+    from medsam2_jax.host_memory import keep_freed_memory
+
+    return keep_freed_memory() if mode == "keep" else False
+
+
+def torch_worker(conn, model_name: str, size: int, batch_file: str, weights_file: str, seed: int,
+                 host_malloc: str) -> None:
+    kept = _host_malloc(host_malloc)  # before torch starts its threads
     import numpy as np
     import torch
 
@@ -135,7 +160,7 @@ def torch_worker(conn, model_name: str, size: int, batch_file: str, weights_file
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                              {"params": no_decay, "weight_decay": 0.0}], lr=LR)
     _reset_peak_rss()  # the peak below is the steps' (building the model is not counted)
-    conn.send({"ready": True, "rss_kb": _rss_kb()[0], "threads": torch.get_num_threads()})
+    conn.send({"ready": True, "rss_kb": _rss_kb()[0], "threads": torch.get_num_threads(), "kept": kept})
     while conn.recv() == "step":
         t0 = time.perf_counter()
         loss, _ = tr.loss_and_terms(model, batch, max_cond_frames=1)
@@ -149,7 +174,8 @@ def torch_worker(conn, model_name: str, size: int, batch_file: str, weights_file
 
 
 def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: str, precision: str,
-               cache_dir: str, seed: int) -> None:
+               cache_dir: str, seed: int, host_malloc: str) -> None:
+    kept = _host_malloc(host_malloc)  # before JAX starts its threads
     import jax
     import numpy as np
 
@@ -181,8 +207,13 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = _rss_kb()[1]
+    from medsam2_jax.host_memory import release_free_memory
+
+    if kept:
+        release_free_memory()  # as train.py does after compiling: the compiler's freed memory goes back
     _reset_peak_rss()
-    conn.send({"ready": True, "rss_kb": _rss_kb()[0], "compile_s": compile_s, "compile_peak_kb": compile_peak})
+    conn.send({"ready": True, "rss_kb": _rss_kb()[0], "compile_s": compile_s, "compile_peak_kb": compile_peak,
+               "kept": kept})
     first = True
     while conn.recv() == "step":
         t0 = time.perf_counter()
@@ -213,17 +244,20 @@ def bench_size(size: int, args) -> dict:
         weights_file = os.path.join(tmp, "weights.npz")
         np.savez(batch_file, **make_batch(size, args.frames, args.batch, args.seed))
         tconn, tchild = ctx.Pipe()
-        tp = ctx.Process(target=torch_worker, args=(tchild, args.model, size, batch_file, weights_file, args.seed))
+        tp = ctx.Process(target=torch_worker, args=(tchild, args.model, size, batch_file, weights_file, args.seed,
+                                                    args.torch_malloc))
         tp.start()
         tready = tconn.recv()
         jconn, jchild = ctx.Pipe()
         jp = ctx.Process(target=jax_worker, args=(jchild, args.model, size, batch_file, weights_file,
-                                                  args.matmul_precision, str(args.cache_dir), args.seed))
+                                                  args.matmul_precision, str(args.cache_dir), args.seed,
+                                                  args.jax_malloc))
         jp.start()
         jready = jconn.recv()
         runs = {"jax": [], "torch": []}
         for _ in range(args.repeats + 1):  # alternate: one JAX step, one PyTorch step
             for name, conn in (("jax", jconn), ("torch", tconn)):
+                time.sleep(args.pause)
                 conn.send("step")
                 runs[name].append(conn.recv())
                 print(f"  S={size} {name}: {runs[name][-1]['s']:.2f} s, loss {runs[name][-1]['loss']:.4f}",
@@ -245,6 +279,7 @@ def bench_size(size: int, args) -> dict:
             "rss_before_steps_mib": ready["rss_kb"] / 1024,
             "peak_rss_mib": end[name]["peak_rss_kb"] / 1024,
             "peak_minus_before_mib": (end[name]["peak_rss_kb"] - ready["rss_kb"]) / 1024,
+            "keep_freed_memory": ready["kept"],
         }
         if name == "jax":
             entry["compile_s"] = ready["compile_s"]
@@ -296,6 +331,7 @@ def main(argv=None) -> int:
     result = {
         "model": args.model,
         "jax_matmul_precision": args.matmul_precision,
+        "host_malloc": {"jax": args.jax_malloc, "torch": args.torch_malloc},
         "repeats": args.repeats,
         "timing": ("wall seconds of one optimisation step (forward over B*T frames, backward, clipping, AdamW), "
                    "median over --repeats steps after the first, JAX and PyTorch alternating; JAX compile_s = the "
