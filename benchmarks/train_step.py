@@ -22,12 +22,15 @@ steps add (activations kept for the backward pass, gradients, optimiser moments,
 alternate between the two workers (one JAX step, one PyTorch step, ...) so that other load on the machine
 hits both alike, with a ``--pause`` between them (each framework's worker threads spin for a while after a
 step; without the pause they slowed the other's step by up to a quarter); times are medians over
-``--repeats`` steps after the first.
+``--repeats`` steps after ``--warmup`` untimed ones (PyTorch's step keeps getting faster over its first
+few steps: 8.9 s, 8.3, 7.6, 7.3, 6.8, 6.3 at 512 px, as glibc raises its mmap threshold to the sizes it has
+seen freed).
 
-Host memory: the JAX worker runs as ``train.py`` does (:mod:`medsam2_jax.host_memory`: glibc's malloc keeps
-freed blocks for reuse, and the compiler's freed memory is handed back after the compile), the PyTorch worker
-with glibc's defaults, the faster setting for each (``--jax-malloc`` / ``--torch-malloc`` change them: with
-``keep`` PyTorch's step measured 2.2 s instead of 1.8 s at 256 px, JAX's without it 2.9 s instead of 1.3 s).
+Host memory: both workers run as ``train.py`` does (:mod:`medsam2_jax.host_memory`: glibc's malloc keeps
+freed blocks for reuse; the JAX worker also hands the compiler's freed memory back after compiling). That is
+the faster setting for both after the warm-up (T = 4: PyTorch 5.98 s instead of 6.67 at 512 px, 1.63 instead
+of 1.71 at 256; JAX 1.3 s instead of 2.9 at 256); ``--jax-malloc`` / ``--torch-malloc default`` leave glibc's
+malloc as it comes.
 
 Examples:
     python -m benchmarks.train_step                              # tiny, T=8, B=1, at 256 and 512 px
@@ -63,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-sizes", nargs="+", type=int, default=[256, 512], help="frame sizes (multiples of 32)")
     p.add_argument("--frames", type=int, default=8, help="frames per sequence (T)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch (B)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per framework and size (after the first)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per framework and size")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per framework and size before them")
     p.add_argument("--matmul-precision", default="highest", choices=["default", "high", "highest"],
                    help="JAX's default matmul precision (float32 on CPU either way)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".jax_cache",
@@ -72,15 +76,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep: the JAX worker calls medsam2_jax.host_memory.keep_freed_memory() first, as train.py "
                         "does (freed blocks are reused, not unmapped and faulted in again each step); default: "
                         "glibc's malloc as it comes")
-    p.add_argument("--torch-malloc", choices=["keep", "default"], default="default",
-                   help="the same for the PyTorch worker (its step measured slower with keep: one malloc arena "
-                        "for its threads)")
+    p.add_argument("--torch-malloc", choices=["keep", "default"], default="keep",
+                   help="the same for the PyTorch worker (after the warm-up its step is faster with keep too)")
     p.add_argument("--pause", type=float, default=1.0,
                    help="seconds between two steps, so that the last framework's worker threads have gone to "
                         "sleep before the other one's step starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "train_step.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.repeats < 1:
+        p.error(f"--warmup and --repeats must be >= 1 (got {args.warmup} and {args.repeats}): the first step "
+                "pays first-touch costs and is never timed")
+    return args
 
 
 def make_batch(size: int, frames: int, batch: int, seed: int):
@@ -255,7 +262,7 @@ def bench_size(size: int, args) -> dict:
         jp.start()
         jready = jconn.recv()
         runs = {"jax": [], "torch": []}
-        for _ in range(args.repeats + 1):  # alternate: one JAX step, one PyTorch step
+        for _ in range(args.warmup + args.repeats):  # alternate: one JAX step, one PyTorch step
             for name, conn in (("jax", jconn), ("torch", tconn)):
                 time.sleep(args.pause)
                 conn.send("step")
@@ -270,11 +277,12 @@ def bench_size(size: int, args) -> dict:
         jp.join()
     out = {"image_size": size, "frames": args.frames, "batch": args.batch}
     for name, ready in (("jax", jready), ("torch", tready)):
-        times = [r["s"] for r in runs[name][1:]]
+        times = [r["s"] for r in runs[name][args.warmup:]]
         entry = {
             "step_s_median": statistics.median(times),
             "step_s": times,
             "first_step_s": runs[name][0]["s"],
+            "warmup_step_s": [r["s"] for r in runs[name][:args.warmup]],
             "losses": [r["loss"] for r in runs[name]],
             "rss_before_steps_mib": ready["rss_kb"] / 1024,
             "peak_rss_mib": end[name]["peak_rss_kb"] / 1024,
@@ -333,8 +341,9 @@ def main(argv=None) -> int:
         "jax_matmul_precision": args.matmul_precision,
         "host_malloc": {"jax": args.jax_malloc, "torch": args.torch_malloc},
         "repeats": args.repeats,
+        "warmup": args.warmup,
         "timing": ("wall seconds of one optimisation step (forward over B*T frames, backward, clipping, AdamW), "
-                   "median over --repeats steps after the first, JAX and PyTorch alternating; JAX compile_s = the "
+                   "median over --repeats steps after --warmup untimed ones, JAX and PyTorch alternating; JAX compile_s = the "
                    "ahead-of-time jit(...).lower(...).compile() before the steps (trace + compile, or a load from "
                    "the persistent compilation cache when an earlier run compiled the same program)"),
         "memory": ("each framework runs in its own spawned worker process; peak_rss_mib = the worker's RSS "
