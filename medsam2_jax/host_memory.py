@@ -8,7 +8,8 @@ tensors go through the same allocator.
 
 :func:`keep_freed_memory` sets glibc's malloc to serve every allocation from one heap (one arena, no
 ``mmap`` for large blocks) and never to return freed memory to the system (no trimming), so that each step
-reuses the pages of the last one. The cost: the process keeps its high-water mark of memory until it exits
+reuses the pages of the last one (after the first few steps, once the heap holds a free block of each size
+the program asks for beside its other allocations). The cost: the process keeps its high-water mark of memory until it exits
 (what a training or segmentation run reaches on its first step anyway), and the threads share one arena.
 
 It changes nothing on other C libraries or systems, and arenas already created keep their settings: call it
@@ -33,6 +34,18 @@ _M_ARENA_MAX = -8
 _applied = False
 
 
+def _glibc_function(name: str, argtypes: tuple, restype=ctypes.c_int):
+    """``name`` from the C library when it is glibc on Linux, with its signature set; else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep and reuse freed memory (see the module docstring). Returns whether the
     settings are in effect (False on a system without glibc, or with ``MEDSAM2_KEEP_FREED_MEMORY=0``).
@@ -42,15 +55,9 @@ def keep_freed_memory() -> bool:
         return True
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    mallopt = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     # -1 reaches glibc as SIZE_MAX: the top of the heap is never trimmed.
     ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)
     _applied = bool(ok)
@@ -62,13 +69,5 @@ def release_free_memory() -> bool:
     compiling, whose freed working memory (gigabytes for a training step) :func:`keep_freed_memory` would
     otherwise keep. The pages the next call needs are faulted in once, then reused. Returns whether anything
     was released (False without glibc)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return bool(trim(0))
+    trim = _glibc_function("malloc_trim", (ctypes.c_size_t,))
+    return trim is not None and bool(trim(0))
