@@ -225,7 +225,7 @@ def test_bf16_train_step_keeps_float32_params_and_runs_in_bf16():
     operands; XLA runs them in float32: a known cost, not an error), 0.05 % float32 x float32. The count
     walks the jaxpr and counts a loop body once: training encodes the B*T = 4 frames at once, so all four
     count (with the former per-image lax.map the encoder counted once, and the share read 91.7 %); the
-    encoder's own share is lower (~85 %: its attention-score products), hence the 0.85 bound.
+    encoder's own share is lower (~85 %: its attention-score products), hence the 0.85 bound."""
     model = api.random_model("sam2.1_hiera_t", TS, seed=1)
     train_mode(model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
