@@ -32,6 +32,13 @@ the faster setting for both after the warm-up (T = 4: PyTorch 5.98 s instead of 
 of 1.71 at 256; JAX 1.3 s instead of 2.9 at 256); ``--jax-malloc`` / ``--torch-malloc default`` leave glibc's
 malloc as it comes.
 
+Compilation: by default (``--jax-compile fresh``) the JAX worker compiles the step itself, as the first run
+of ``train.py`` does. A process that has compiled a large program runs it slower on this CPU than a process
+that loaded the same program from the persistent compilation cache (as a resumed ``train.py`` run does):
+256 px, T = 8, 3.2-3.4 s against 2.4-2.6 s per step over a dozen runs, the same executable either way (a
+copy serialised and loaded again in the compiling process stays slow; scattering 2 million small malloc
+blocks before loading from the cache makes it 2.9 s). ``--jax-compile cache`` measures the second case.
+
 Examples:
     python -m benchmarks.train_step                              # tiny, T=8, B=1, at 256 and 512 px
     python -m benchmarks.train_step --image-sizes 256 --frames 4 --repeats 3
@@ -71,7 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-precision", default="highest", choices=["default", "high", "highest"],
                    help="JAX's default matmul precision (float32 on CPU either way)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".jax_cache",
-                   help="persistent JAX compilation cache")
+                   help="persistent JAX compilation cache (used with --jax-compile cache)")
+    p.add_argument("--jax-compile", choices=["fresh", "cache"], default="fresh",
+                   help="fresh: the JAX worker compiles the step itself (an empty cache), as the first run of "
+                        "train.py does; cache: it loads the step from --cache-dir when an earlier run compiled it, "
+                        "as a resumed run does. The steps of a process that compiled the program itself run "
+                        "slower on CPU (see the README); the JSON records which case was measured")
     p.add_argument("--jax-malloc", choices=["keep", "default"], default="keep",
                    help="keep: the JAX worker calls medsam2_jax.host_memory.keep_freed_memory() first, as train.py "
                         "does (freed blocks are reused, not unmapped and faulted in again each step); default: "
@@ -190,6 +202,7 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
         jax.config.update("jax_default_matmul_precision", precision)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    cached_before = _cache_entries(cache_dir)
     import jax.numpy as jnp
     from flax import nnx
 
@@ -214,13 +227,14 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = _rss_kb()[1]
+    compiled_here = _cache_entries(cache_dir) != cached_before  # it wrote a new entry: it compiled
     from medsam2_jax.host_memory import release_free_memory
 
     if kept:
         release_free_memory()  # as train.py does after compiling: the compiler's freed memory goes back
     _reset_peak_rss()
     conn.send({"ready": True, "rss_kb": _rss_kb()[0], "compile_s": compile_s, "compile_peak_kb": compile_peak,
-               "kept": kept})
+               "kept": kept, "compiled_in_process": compiled_here})
     first = True
     while conn.recv() == "step":
         t0 = time.perf_counter()
@@ -241,6 +255,10 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
     conn.send({"rss_kb": cur, "peak_rss_kb": peak, "device_memory_stats": stats})
 
 
+def _cache_entries(cache_dir: str) -> set[str]:
+    return set(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else set()
+
+
 # --------------------------------------------------------------------------------------------------- runs
 def bench_size(size: int, args) -> dict:
     import numpy as np
@@ -256,8 +274,9 @@ def bench_size(size: int, args) -> dict:
         tp.start()
         tready = tconn.recv()
         jconn, jchild = ctx.Pipe()
+        cache_dir = os.path.join(tmp, "xla_cache") if args.jax_compile == "fresh" else str(args.cache_dir)
         jp = ctx.Process(target=jax_worker, args=(jchild, args.model, size, batch_file, weights_file,
-                                                  args.matmul_precision, str(args.cache_dir), args.seed,
+                                                  args.matmul_precision, cache_dir, args.seed,
                                                   args.jax_malloc))
         jp.start()
         jready = jconn.recv()
@@ -291,6 +310,7 @@ def bench_size(size: int, args) -> dict:
         }
         if name == "jax":
             entry["compile_s"] = ready["compile_s"]
+            entry["compiled_in_process"] = ready["compiled_in_process"]
             entry["peak_rss_during_compile_mib"] = ready["compile_peak_kb"] / 1024
             entry["rss_after_first_step_mib"] = runs[name][0]["rss_after_first_kb"] / 1024
             entry["device_memory_stats"] = end[name].get("device_memory_stats")
@@ -340,12 +360,14 @@ def main(argv=None) -> int:
         "model": args.model,
         "jax_matmul_precision": args.matmul_precision,
         "host_malloc": {"jax": args.jax_malloc, "torch": args.torch_malloc},
+        "jax_compile": args.jax_compile,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "timing": ("wall seconds of one optimisation step (forward over B*T frames, backward, clipping, AdamW), "
                    "median over --repeats steps after --warmup untimed ones, JAX and PyTorch alternating; JAX compile_s = the "
                    "ahead-of-time jit(...).lower(...).compile() before the steps (trace + compile, or a load from "
-                   "the persistent compilation cache when an earlier run compiled the same program)"),
+                   "the persistent compilation cache when an earlier run compiled the same program: "
+                   "compiled_in_process says which)"),
         "memory": ("each framework runs in its own spawned worker process; peak_rss_mib = the worker's RSS "
                    "high-water mark during the steps (VmHWM from /proc/self/status, reset through "
                    "/proc/self/clear_refs right before the first step, so model building and XLA compilation are "
