@@ -202,7 +202,6 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
         jax.config.update("jax_default_matmul_precision", precision)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    cached_before = _cache_entries(cache_dir)
     import jax.numpy as jnp
     from flax import nnx
 
@@ -223,6 +222,7 @@ def jax_worker(conn, model_name: str, size: int, batch_file: str, weights_file: 
     batch = {k: jnp.asarray(v) for k, v in np.load(batch_file).items()}
     # Compile ahead of time (or load from the persistent cache), so that compilation's own memory peak is
     # measured apart from the steps'.
+    cached_before = _cache_entries(cache_dir)
     t0 = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
