@@ -35,7 +35,7 @@ malloc as it comes.
 Compilation: by default (``--jax-compile fresh``) the JAX worker compiles the step itself, as the first run
 of ``train.py`` does. A process that has compiled a large program runs it slower on this CPU than a process
 that loaded the same program from the persistent compilation cache (as a resumed ``train.py`` run does):
-256 px, T = 8, 3.2-3.4 s against 2.4-2.6 s per step over a dozen runs, the same executable either way (a
+256 px, T = 8, 3.1-3.4 s against 2.4-2.7 s per step in 18 standalone runs, the same executable either way (a
 copy serialised and loaded again in the compiling process stays slow; scattering 2 million small malloc
 blocks before loading from the cache makes it 2.9 s). ``--jax-compile cache`` measures the second case.
 
