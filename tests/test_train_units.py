@@ -209,6 +209,7 @@ def _demo():
     ("data.phantoms", -1, ">= 0"),
     ("data.p_box", 0.5, "must be 1"),
     ("tracker.max_cond_frames", 1, "corrected frames need 3"),
+    ("compile_in_subprocess", "yes", "'auto', 'on', 'off'"),
 ])
 def test_config_errors_name_the_field(field, value, match):
     c = _demo()

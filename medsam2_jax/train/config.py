@@ -97,6 +97,7 @@ def validate(c) -> None:
     _int(c, "mesh.data", 1, allow=(-1,))
     _int(c, "mesh.fsdp", 1)
     _choice(c, "distributed", ("auto", "on", "off"))
+    _choice(c, "compile_in_subprocess", ("auto", "on", "off"))
     mults = _get(c, "lr_multipliers")
     for k, f in dict(mults).items():
         try:

@@ -300,16 +300,67 @@ def _host_copy(tree: Any) -> Any:
     return jax.tree.map(lambda a: jnp.asarray(np.asarray(jax.device_get(a))), tree)
 
 
+@dataclasses.dataclass
+class Programs:
+    """What a config's run computes with: the mesh, the model split into graph / parameters / the rest, the
+    initial train state placed with its shardings, and the jitted train step (not yet compiled)."""
+
+    mesh: Any
+    rules: tuple
+    graphdef: Any
+    params: Any
+    rest: Any
+    state: Any
+    state_sh: Any
+    batch_sh: Any
+    step_fn: Any
+    tcfg: Any
+
+    def predict(self):
+        """The held-out evaluation's jitted predict function (:func:`.evaluate.make_predict`), without dropout."""
+        from .evaluate import make_predict
+
+        return make_predict(self.graphdef, _host_copy(self.rest), dataclasses.replace(self.tcfg, dropout=False))
+
+
+def build_programs(c) -> Programs:
+    """Build the model, optimiser, mesh and the jitted step that config ``c`` describes (deterministic: the
+    same config gives the same programs, in this process or another, see :mod:`.compile_ahead`)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from . import optim, sharding
+    from .losses import LossWeights
+    from .step import init_state, jit_train_step, make_train_step
+
+    mesh = sharding.make_mesh(int(c.mesh.data), int(c.mesh.fsdp))
+    rules = tuple((r, tuple(s)) for r, s in c.sharding_rules) or sharding.DEFAULT_RULES
+    graphdef, params, rest = build_params(c)
+    tx, sched = optim.make_optimizer(
+        params, lr=float(c.lr), total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
+        weight_decay=float(c.weight_decay), clip_norm=float(c.clip_norm), final_lr_fraction=float(c.final_lr_fraction),
+        lr_multipliers=dict(c.lr_multipliers), freeze=tuple(c.freeze))
+    state = init_state(params, tx, int(c.seed))
+    state_sh = sharding.state_shardings(state, params, mesh, rules)
+    state = _put_global(state, state_sh)
+    batch_sh = NamedSharding(mesh, sharding.BATCH_SPEC)
+    rest = _put_global(rest, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), rest))
+    tcfg = tracker_from_config(c)
+    weights = LossWeights(focal=float(c.loss.focal), dice=float(c.loss.dice), iou=float(c.loss.iou),
+                          object_score=float(c.loss.object_score))
+    dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
+    step_fn = jit_train_step(make_train_step(graphdef, rest, tx, tcfg, weights=weights, compute_dtype=dtype,
+                                             compute_scope=c.compute_scope, schedule=sched), state_sh, batch_sh)
+    return Programs(mesh, rules, graphdef, params, rest, state, state_sh, batch_sh, step_fn, tcfg)
+
+
 def train(c, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the training that config ``c`` describes in ``workdir``; returns a summary dict."""
     from flax import nnx
 
     from ..data import pipeline as pl
-    from . import optim, sharding
+    from . import compile_ahead, sharding
     from .batch import MODEL_KEYS
     from .checkpoint import Checkpoints, run_facts, write_json
-    from .losses import LossWeights
-    from .step import init_state, jit_train_step, make_train_step
 
     validate(c)
     maybe_initialize_distributed(c.distributed)
@@ -323,27 +374,10 @@ def train(c, workdir: str | os.PathLike) -> dict:
     latest = ckpts.latest_step() if (workdir / "checkpoints").exists() else None
     if latest is not None:
         ckpts.check_compatible(latest, facts)  # before anything is written
-    mesh = sharding.make_mesh(int(c.mesh.data), int(c.mesh.fsdp))
-    rules = tuple((r, tuple(s)) for r, s in c.sharding_rules) or sharding.DEFAULT_RULES
-
-    graphdef, params, rest = build_params(c)
-    tx, sched = optim.make_optimizer(
-        params, lr=float(c.lr), total_steps=int(c.total_steps), warmup_steps=int(c.warmup_steps),
-        weight_decay=float(c.weight_decay), clip_norm=float(c.clip_norm), final_lr_fraction=float(c.final_lr_fraction),
-        lr_multipliers=dict(c.lr_multipliers), freeze=tuple(c.freeze))
-    state = init_state(params, tx, int(c.seed))
-    state_sh = sharding.state_shardings(state, params, mesh, rules)
-    state = _put_global(state, state_sh)
-    from jax.sharding import NamedSharding
-
-    batch_sh = NamedSharding(mesh, sharding.BATCH_SPEC)
-    rest = _put_global(rest, jax.tree.map(lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()), rest))
-    tcfg = tracker_from_config(c)
-    weights = LossWeights(focal=float(c.loss.focal), dice=float(c.loss.dice), iou=float(c.loss.iou),
-                          object_score=float(c.loss.object_score))
-    dtype = jnp.bfloat16 if c.compute_dtype == "bfloat16" else jnp.float32
-    step_fn = jit_train_step(make_train_step(graphdef, rest, tx, tcfg, weights=weights, compute_dtype=dtype,
-                                             compute_scope=c.compute_scope, schedule=sched), state_sh, batch_sh)
+    progs = build_programs(c)
+    mesh, rules, graphdef, params, rest, state, state_sh, batch_sh, step_fn = (
+        progs.mesh, progs.rules, progs.graphdef, progs.params, progs.rest, progs.state, progs.state_sh,
+        progs.batch_sh, progs.step_fn)
 
     source = make_source(c, workdir)
     pcfg = pipeline_config(c, jax.process_index(), jax.process_count())
@@ -362,28 +396,57 @@ def train(c, workdir: str | os.PathLike) -> dict:
          f"{shard['replicated']} replicated, {shard['bytes_per_device'] / 2**20:.0f} MiB per device")
     log = MetricsLog(workdir, start)
 
-    # Held-out evaluation (process 0, on a host copy of the parameters): before a fresh start and at the end.
+    def to_global(batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k])) for k in MODEL_KEYS}
+
+    # Compile the step before the first one (and before the held-out evaluation, whose predict program a
+    # compile helper builds alongside), then hand the compiler's freed working memory back (the commands keep
+    # freed host memory for reuse, see host_memory): on CPU, gigabytes of RSS.
     held_out = make_source(c, workdir, held_out=True) if c.eval.batches > 0 else None
+    first, compiled, helper = None, None, None
+    if start < c.total_steps:
+        first = to_global(next(it))
+        if compile_ahead.wanted(c):
+            helper = compile_ahead.start(c, compile_ahead.batch_spec({k: first[k] for k in MODEL_KEYS}),
+                                         predict=held_out is not None)
+        lowered = step_fn.lower(state, first)  # traced here while the helper compiles
+        hits = compile_ahead.cache_hits()
+        if helper is not None:
+            rep = helper.join()
+            if not rep["ok"]:
+                _log(f"compile helper failed ({rep.get('error')}); compiling the training step in this process")
+        t = time.perf_counter()
+        compiled = lowered.compile()
+        if helper is not None and rep["ok"]:
+            hit = compile_ahead.cache_hits() > hits
+            _log(f"training step compiled in a helper process ({rep['step_s']:.0f} s; {rep['seconds']:.0f} s with "
+                 f"its start) and " + (f"loaded from the compilation cache here ({time.perf_counter() - t:.0f} s)"
+                                       if hit else "not found in the cache: compiled again here (steps on CPU run "
+                                       "slower after an in-process compile, see compile_ahead)"))
+        release_free_memory()
+
+    # Held-out evaluation (process 0, on a host copy of the parameters): before a fresh start and at the end.
     evals = []
     if held_out is not None:
-        from .evaluate import evaluate, make_predict
+        from .evaluate import evaluate
 
-        eval_tcfg = dataclasses.replace(tcfg, dropout=False)
-        predict = make_predict(graphdef, _host_copy(rest), eval_tcfg)
+        predict = progs.predict()
         pcfg_eval = pipeline_config(c, 0, 1)
         prev = workdir / "eval.json"
         evals = json.loads(prev.read_text()) if prev.exists() and start > 0 else []
         evals = [e for e in evals if e["step"] <= start]
         if start == 0 and jax.process_index() == 0:
+            hits = compile_ahead.cache_hits()
             res = evaluate(predict, _host_copy(state.params), held_out, pcfg_eval, int(c.eval.batches))
+            if helper is not None and rep["ok"]:
+                _log("held-out evaluation's program compiled in the helper process and " +
+                     ("loaded from the compilation cache here" if compile_ahead.cache_hits() > hits else
+                      "not found in the cache: compiled again here"))
             evals.append(dict(res, step=0))
             _log(_eval_line(evals[-1]))
             write_json(workdir / "eval.json", evals)
         elif start == 0:
             _host_copy(state.params)  # every process takes part in the gather
-
-    def to_global(batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(batch_sh, np.asarray(batch[k])) for k in MODEL_KEYS}
 
     pbar = None
     if c.progress and jax.process_index() == 0:
@@ -394,15 +457,9 @@ def train(c, workdir: str | os.PathLike) -> dict:
     last_t, last_step = time.perf_counter(), start
     interrupted = None
     saved_at = None
-    compiled = None
     with _Stop() as stop:
         while step < c.total_steps:
-            batch = to_global(next(it))
-            if compiled is None:
-                # Compile ahead of the first step, then hand the compiler's freed working memory back (the
-                # commands keep freed host memory for reuse, see host_memory): on CPU, gigabytes of RSS.
-                compiled = step_fn.lower(state, batch).compile()
-                release_free_memory()
+            batch, first = (first, None) if first is not None else (to_global(next(it)), None)
             state, metrics = compiled(state, batch)
             step += 1
             if step % c.log_every == 0 or step == c.total_steps:
