@@ -32,12 +32,15 @@ the faster setting for both after the warm-up (T = 4: PyTorch 5.98 s instead of 
 of 1.71 at 256; JAX 1.3 s instead of 2.9 at 256); ``--jax-malloc`` / ``--torch-malloc default`` leave glibc's
 malloc as it comes.
 
-Compilation: by default (``--jax-compile fresh``) the JAX worker compiles the step itself, as the first run
-of ``train.py`` does. A process that has compiled a large program runs it slower on this CPU than a process
-that loaded the same program from the persistent compilation cache (as a resumed ``train.py`` run does):
-256 px, T = 8, 3.1-3.4 s against 2.4-2.7 s per step in 18 standalone runs, the same executable either way (a
-copy serialised and loaded again in the compiling process stays slow; scattering 2 million small malloc
-blocks before loading from the cache makes it 2.9 s). ``--jax-compile cache`` measures the second case.
+Compilation: a process that has compiled a large program runs it slower on this CPU than a process that
+loaded the same program from the persistent compilation cache: 256 px, T = 8, 3.1-3.4 s against 2.4-2.7 s
+per step in 18 standalone runs, the same executable either way (a copy serialised and loaded again in the
+compiling process stays slow; scattering 2 million small malloc blocks before loading from the cache makes
+it 2.9 s). So ``train.py`` compiles its step in a helper process on CPU
+(:mod:`medsam2_jax.train.compile_ahead`), and by default (``--jax-compile helper``) so does this benchmark:
+a first JAX worker compiles the step into an empty cache and exits, the measured one loads it.
+``--jax-compile fresh`` measures a process that compiles its own step (a notebook calling the jitted step);
+``--jax-compile cache`` loads from ``--cache-dir`` what an earlier run compiled.
 
 Examples:
     python -m benchmarks.train_step                              # tiny, T=8, B=1, at 256 and 512 px
@@ -79,11 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JAX's default matmul precision (float32 on CPU either way)")
     p.add_argument("--cache-dir", type=pathlib.Path, default=ROOT / ".jax_cache",
                    help="persistent JAX compilation cache (used with --jax-compile cache)")
-    p.add_argument("--jax-compile", choices=["fresh", "cache"], default="fresh",
-                   help="fresh: the JAX worker compiles the step itself (an empty cache), as the first run of "
-                        "train.py does; cache: it loads the step from --cache-dir when an earlier run compiled it, "
-                        "as a resumed run does. The steps of a process that compiled the program itself run "
-                        "slower on CPU (see the README); the JSON records which case was measured")
+    p.add_argument("--jax-compile", choices=["helper", "fresh", "cache"], default="helper",
+                   help="helper: a first JAX worker compiles the step into an empty cache and exits, and the "
+                        "measured worker loads it from there, as train.py does on CPU (compile_in_subprocess); "
+                        "fresh: the measured worker compiles the step itself (an empty cache), as a process "
+                        "that calls the jitted step directly does; cache: it loads the step from --cache-dir "
+                        "when an earlier run compiled it. The steps of a process that compiled the program "
+                        "itself run slower on CPU (see the README); the JSON records which case was measured")
     p.add_argument("--jax-malloc", choices=["keep", "default"], default="keep",
                    help="keep: the JAX worker calls medsam2_jax.host_memory.keep_freed_memory() first, as train.py "
                         "does (freed blocks are reused, not unmapped and faulted in again each step); default: "
@@ -273,13 +278,24 @@ def bench_size(size: int, args) -> dict:
                                                     args.torch_malloc))
         tp.start()
         tready = tconn.recv()
-        jconn, jchild = ctx.Pipe()
-        cache_dir = os.path.join(tmp, "xla_cache") if args.jax_compile == "fresh" else str(args.cache_dir)
-        jp = ctx.Process(target=jax_worker, args=(jchild, args.model, size, batch_file, weights_file,
-                                                  args.matmul_precision, cache_dir, args.seed,
-                                                  args.jax_malloc))
-        jp.start()
-        jready = jconn.recv()
+        cache_dir = str(args.cache_dir) if args.jax_compile == "cache" else os.path.join(tmp, "xla_cache")
+
+        def start_jax():
+            conn, child = ctx.Pipe()
+            proc = ctx.Process(target=jax_worker, args=(child, args.model, size, batch_file, weights_file,
+                                                        args.matmul_precision, cache_dir, args.seed,
+                                                        args.jax_malloc))
+            proc.start()
+            return proc, conn, conn.recv()
+
+        helper_compile_s = None
+        if args.jax_compile == "helper":  # compile in a process of its own, which then exits (as train.py)
+            hp, hconn, hready = start_jax()
+            hconn.send("stop")
+            hconn.recv()
+            hp.join()
+            helper_compile_s = hready["compile_s"]
+        jp, jconn, jready = start_jax()
         runs = {"jax": [], "torch": []}
         for _ in range(args.warmup + args.repeats):  # alternate: one JAX step, one PyTorch step
             for name, conn in (("jax", jconn), ("torch", tconn)):
@@ -311,6 +327,7 @@ def bench_size(size: int, args) -> dict:
         if name == "jax":
             entry["compile_s"] = ready["compile_s"]
             entry["compiled_in_process"] = ready["compiled_in_process"]
+            entry["helper_compile_s"] = helper_compile_s
             entry["peak_rss_during_compile_mib"] = ready["compile_peak_kb"] / 1024
             entry["rss_after_first_step_mib"] = runs[name][0]["rss_after_first_kb"] / 1024
             entry["device_memory_stats"] = end[name].get("device_memory_stats")
@@ -367,7 +384,8 @@ def main(argv=None) -> int:
                    "median over --repeats steps after --warmup untimed ones, JAX and PyTorch alternating; JAX compile_s = the "
                    "ahead-of-time jit(...).lower(...).compile() before the steps (trace + compile, or a load from "
                    "the persistent compilation cache when an earlier run compiled the same program: "
-                   "compiled_in_process says which)"),
+                   "compiled_in_process says which); helper_compile_s = the helper worker's compile "
+                   "(--jax-compile helper), whose cache entry the measured worker loads"),
         "memory": ("each framework runs in its own spawned worker process; peak_rss_mib = the worker's RSS "
                    "high-water mark during the steps (VmHWM from /proc/self/status, reset through "
                    "/proc/self/clear_refs right before the first step, so model building and XLA compilation are "
