@@ -58,8 +58,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     from benchmarks.common import machine_info
 
-    results = {"machine": machine_info(), "steps": a.steps, "image_size": a.image_size, "frames": a.frames,
-               "runs": {}}
+    import os
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    results = {"command": " ".join(["python -m benchmarks.learning", *args]), "machine": machine_info(),
+               "load_average_before": os.getloadavg(), "steps": a.steps, "image_size": a.image_size,
+               "frames": a.frames, "runs": {}}
     for name in a.runs:
         init = ""
         if name == "converted":
@@ -76,6 +80,7 @@ def main(argv=None):
 
             shutil.rmtree(wd)
         results["runs"][name] = run(name, wd, a.steps, a.image_size, a.frames, init, a.extra)
+    results["load_average_after"] = os.getloadavg()
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(results, indent=2))
     print("\n| run | steps | wall | Dice before | Dice after | copy-mask baseline |\n|---|---|---|---|---|---|")
