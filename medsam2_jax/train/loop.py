@@ -407,8 +407,7 @@ def train(c, workdir: str | os.PathLike) -> dict:
     if start < c.total_steps:
         first = to_global(next(it))
         if compile_ahead.wanted(c):
-            helper = compile_ahead.start(c, compile_ahead.batch_spec({k: first[k] for k in MODEL_KEYS}),
-                                         predict=held_out is not None)
+            helper = compile_ahead.start(c, compile_ahead.batch_spec(first), predict=held_out is not None)
         lowered = step_fn.lower(state, first)  # traced here while the helper compiles
         hits = compile_ahead.cache_hits()
         if helper is not None:
